@@ -1,0 +1,172 @@
+"""``nbflow``: run, rerun, list and show workflow runs from a terminal.
+
+Exit codes: 0 success, 1 a step failed, 2 invalid workflow or usage, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nbflow.errors import NbflowError, SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 as well; keep one message format
+        self.print_usage(sys.stderr)
+        print(f"nbflow: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML, so ``rows=1000`` is an int (like papermill -y)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"'{text}' is not key=value (e.g. -p input_path=data/x.csv)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, (dict, list)) and not value.strip().startswith(("{", "[")):
+        parsed = value
+    return key.strip(), parsed
+
+
+def _params(pairs) -> dict[str, Any]:
+    return dict(pairs or [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nbflow", description="Run notebook-first workflows in chunks on Dask.")
+    parser.add_argument("--store", help="run store folder (default: $NBFLOW_HOME or ./.nbflow)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def with_params(p):
+        p.add_argument("-p", "--param", dest="params", action="append", type=parse_param, default=[],
+                       metavar="KEY=VALUE", help="set a workflow parameter (repeatable)")
+
+    p = sub.add_parser("run", help="run a workflow file")
+    p.add_argument("workflow", help="workflow YAML file")
+    with_params(p)
+    p.add_argument("--scheduler", default=None,
+                   help="'threads' (default), 'distributed' for a LocalCluster, or a scheduler address")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+
+    p = sub.add_parser("rerun", help="rerun a past run: failed steps and what depends on them")
+    p.add_argument("run_id", nargs="?", default="latest", help="run id, a unique part of it, or 'latest'")
+    with_params(p)
+    p.add_argument("--from", dest="from_step", help="also rerun this step and its dependents")
+    p.add_argument("--scheduler", default=None)
+
+    sub.add_parser("runs", help="list past runs")
+
+    p = sub.add_parser("show", help="show a run: steps, status, durations, records, error")
+    p.add_argument("run_id", nargs="?", default="latest")
+    p.add_argument("--plot", metavar="FILE.png", help="write the memory-over-time figure")
+    p.add_argument("--json", action="store_true", help="print run.json")
+
+    p = sub.add_parser("validate", help="check a workflow file without running it")
+    p.add_argument("workflow")
+    with_params(p)
+
+    p = sub.add_parser("demo", help="generate demo data and run the demo pipeline on it")
+    p.add_argument("--rows", type=int, default=1_000_000, help="records to generate (default 1,000,000)")
+    p.add_argument("--dir", default="nbflow-demo", help="folder for data, outputs and runs")
+    p.add_argument("--scenario", choices=["pipeline", "oom"], default="pipeline",
+                   help="'oom': the in-memory transform over its budget, then the chunked fix")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: completed steps are kept; `nbflow rerun` continues", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SpecError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_USAGE
+    except NbflowError as err:
+        print(f"nbflow: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _exit_for(handle) -> int:
+    return {"completed": EXIT_OK, "cancelled": EXIT_INTERRUPTED}.get(handle.status, EXIT_FAILED)
+
+
+def cmd_run(args) -> int:
+    from nbflow.handle import run
+
+    handle = run(Path(args.workflow), parameters=_params(args.params), store=args.store,
+                 backend=args.scheduler, log=not args.quiet)
+    print()
+    print(handle.summary())
+    return _exit_for(handle)
+
+
+def cmd_rerun(args) -> int:
+    from nbflow.handle import open_run
+
+    handle = open_run(args.run_id, store=args.store, backend=args.scheduler, log=True)
+    handle.rerun(parameters=_params(args.params) or None, from_step=args.from_step)
+    print()
+    print(handle.summary())
+    return _exit_for(handle)
+
+
+def cmd_runs(args) -> int:
+    from nbflow.store import RunStore
+    from nbflow.ui.text import runs_table
+
+    print(runs_table(RunStore(args.store).summaries()))
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from nbflow.handle import open_run
+
+    handle = open_run(args.run_id, store=args.store)
+    if args.json:
+        print(json.dumps(handle.run_dir.read_run(), indent=1))
+    else:
+        print(handle.summary())
+    if args.plot:
+        from nbflow.ui.plots import save_memory_plot
+
+        path = save_memory_plot(handle, args.plot)
+        print(f"\nmemory plot written to {path}")
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    from nbflow.actions.registry import check
+    from nbflow.plan import make_plan
+    from nbflow.spec import load
+
+    spec = load(args.workflow, _params(args.params), action_check=check)
+    plan = make_plan(spec)
+    print(f"{args.workflow}: valid — {len(plan.order)} steps: {' → '.join(plan.order)}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from nbflow.demo import run_demo
+
+    return run_demo(rows=args.rows, folder=Path(args.dir), scenario=args.scenario, store=args.store)
+
+
+_COMMANDS = {"run": cmd_run, "rerun": cmd_rerun, "runs": cmd_runs, "show": cmd_show,
+             "validate": cmd_validate, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "parse_param"]

@@ -1,0 +1,244 @@
+"""Execute a Plan: steps in dependency order (independent ones side by side), chunk by chunk.
+
+Each step reads its inputs' checkpoints as Dask DataFrames (one partition per
+checkpoint part file), applies its action, and writes its own checkpoint
+atomically; downstream steps read that. Events report everything; the executor
+keeps no state a view needs.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from graphlib import TopologicalSorter
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+
+from nbflow import events as ev
+from nbflow.actions.registry import Effect, StepContext
+from nbflow.engine import chunks
+from nbflow.errors import RunInterrupted, StepError
+from nbflow.plan import Plan, PlannedStep
+from nbflow.store import RunDir, read_checkpoint_meta, write_json_atomic, CHECKPOINT_META
+from nbflow.tracebacks import format_exception, user_frame
+
+Emit = Callable[[ev.Event], None]
+
+
+class _StepFailed(Exception):
+    """Internal: a step failed for good (its events are already emitted)."""
+
+
+class Executor:
+    def __init__(self, plan: Plan, run_dir: RunDir, backend, emit: Emit, *,
+                 namespace: Mapping[str, Any] | None = None, workdir: Path | None = None,
+                 monitor=None, default_budget: int | None = None, max_parallel_steps: int = 2,
+                 cancel: threading.Event | None = None):
+        self.plan = plan
+        self.run_dir = run_dir
+        self.backend = backend
+        self.emit = emit
+        self.namespace = namespace
+        self.workdir = Path(workdir or Path.cwd())
+        self.monitor = monitor
+        self.default_budget = default_budget
+        self.max_parallel_steps = max(1, max_parallel_steps)
+        self.cancel = cancel or threading.Event()
+        self.run_id = run_dir.run_id
+        #: the checkpoint each finished step left (reused ones included)
+        self.outputs: dict[str, str | None] = {}
+        self.records: dict[str, int | None] = {}
+
+    # -- the run -------------------------------------------------------------
+    def execute(self) -> str:
+        """Run the plan; returns 'completed', 'failed' or 'cancelled'.
+
+        KeyboardInterrupt cancels: no new chunk starts, in-flight chunks finish,
+        no checkpoint is committed for an unfinished step; it is re-raised.
+        """
+        plan = self.plan
+        for name in plan.reused:
+            p = plan.steps[name]
+            self.outputs[name] = p.checkpoint
+            self.records[name] = p.records_out
+            self.emit(ev.StepReused(run_id=self.run_id, step=name, records_out=p.records_out,
+                                    checkpoint=p.checkpoint, cache_key=p.key))
+        to_run = set(plan.to_run)
+        sorter = TopologicalSorter({n: [d for d in plan.steps[n].spec.needs if d in to_run]
+                                    for n in plan.order if n in to_run})
+        sorter.prepare()
+        failed: list[str] = []
+        blocked: set[str] = set()
+        running: dict[Future, str] = {}
+        interrupted = False
+        pool = ThreadPoolExecutor(self.max_parallel_steps, thread_name_prefix="nbflow-step")
+        try:
+            ready = list(sorter.get_ready())
+            while ready or running:
+                for name in sorted(ready, key=plan.order.index):
+                    if name in blocked:
+                        continue
+                    if self.cancel.is_set():
+                        break
+                    running[pool.submit(self._run_step, plan.steps[name])] = name
+                ready = []
+                if not running:
+                    break
+                try:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    self.cancel.set()
+                    continue
+                for future in done:
+                    name = running.pop(future)
+                    try:
+                        future.result()
+                    except RunInterrupted:
+                        continue
+                    except _StepFailed:
+                        failed.append(name)
+                        self._skip_dependents(name, blocked)
+                        continue
+                    sorter.done(name)
+                    ready.extend(sorter.get_ready())
+        finally:
+            pool.shutdown(wait=True)
+        cancelled = self.cancel.is_set()
+        if cancelled:
+            for name in plan.order:
+                if name in to_run and name not in self.outputs and name not in failed and name not in blocked:
+                    self.emit(ev.StepCancelled(run_id=self.run_id, step=name))
+        status = "cancelled" if cancelled else "failed" if failed else "completed"
+        if interrupted:
+            raise KeyboardInterrupt
+        return status
+
+    def _skip_dependents(self, root: str, blocked: set[str]) -> None:
+        for name in self.plan.order:
+            if name in self.plan.downstream(root) and name not in blocked:
+                blocked.add(name)
+                self.emit(ev.StepSkipped(run_id=self.run_id, step=name,
+                                         reason=f"skipped: {root} failed", because_of=root))
+
+    # -- one step ------------------------------------------------------------
+    def _run_step(self, p: PlannedStep) -> None:
+        attempts = p.spec.retries + 1
+        for attempt in range(1, attempts + 1):
+            started = time.time()
+            self.emit(ev.StepStarted(run_id=self.run_id, step=p.name, attempt=attempt,
+                                     chunk_size=p.chunk_size if isinstance(p.chunk_size, int) else None,
+                                     max_memory=p.spec.max_memory or self.default_budget,
+                                     streaming=p.streaming,
+                                     records_in=self._records_in(p)))
+            progress = _Progress()
+            try:
+                info = self._execute(p, progress)
+            except RunInterrupted:
+                self.emit(ev.StepCancelled(run_id=self.run_id, step=p.name,
+                                           duration=time.time() - started))
+                raise
+            except Exception as exc:  # noqa: BLE001 — any error of the user's code fails the step
+                if self.cancel.is_set():
+                    self.emit(ev.StepCancelled(run_id=self.run_id, step=p.name,
+                                               duration=time.time() - started))
+                    raise RunInterrupted(self.run_id) from exc
+                will_retry = attempt < attempts
+                self.emit(_failure_event(self.run_id, p.name, exc, started, attempt, will_retry,
+                                         progress.records))
+                if will_retry:
+                    continue
+                raise _StepFailed(p.name) from exc
+            self.outputs[p.name] = info["checkpoint"]
+            self.records[p.name] = info.get("records_out")
+            self.emit(ev.StepCompleted(
+                run_id=self.run_id, step=p.name, duration=time.time() - started,
+                records_in=info.get("records_in", self._records_in(p)),
+                records_out=info.get("records_out"), chunks=progress.total or progress.done,
+                bytes_out=info.get("bytes"), checkpoint=info["checkpoint"], cache_key=p.key,
+                info={k: v for k, v in info.items() if k not in ("checkpoint", "records_out", "bytes")}))
+            return
+
+    def _records_in(self, p: PlannedStep) -> int | None:
+        counts = [self.records.get(n) for n in p.spec.needs]
+        return sum(counts) if counts and None not in counts else None
+
+    def _execute(self, p: PlannedStep, progress: _Progress) -> dict[str, Any]:
+        inputs = {name: chunks.open_checkpoint(self.outputs[name], name) for name in p.spec.needs}
+        chunk_size = p.chunk_size if isinstance(p.chunk_size, int) else chunks.DEFAULT_AUTO
+        ctx = StepContext(step=p.spec, inputs=inputs, chunk_size=chunk_size, streaming=p.streaming,
+                          workdir=self.workdir, namespace=self.namespace,
+                          token=f"{p.key}-{secrets.token_hex(4)}")
+        dest = self.run_dir.checkpoint_dir(p.name, p.key)
+        result = chunks.apply_action(p.action, ctx, p.params, self.backend, self.cancel)
+        effect = result if isinstance(result, Effect) else chunks.checkpoint_effect(result, dest, chunk_size)
+
+        def on_chunk(index: int, frame) -> None:
+            n = int(frame["records"].sum()) if isinstance(frame, pd.DataFrame) and "records" in frame else 0
+            progress.add(n)
+            self.emit(ev.ChunkDone(run_id=self.run_id, step=p.name, chunk=index,
+                                   chunks_done=progress.done, chunks_total=progress.total,
+                                   records=n, records_done=progress.records))
+
+        if effect.chunks is not None:
+            progress.total = effect.chunks.npartitions
+            self.emit(ev.StepPlanned(run_id=self.run_id, step=p.name, chunks_total=progress.total))
+        try:
+            frames = (self.backend.compute_chunks(effect.chunks, on_chunk, self.cancel)
+                      if effect.chunks is not None else [])
+            results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            info = dict(effect.finish(results) or {})
+        except BaseException:
+            abort = getattr(effect, "abort", None)
+            if abort is not None:
+                abort()
+            raise
+        meta: dict[str, Any] = {"step": p.name, "key": p.key, "created": time.time(), **_jsonable(info)}
+        if effect.passthrough:
+            (source,) = [self.outputs[n] for n in p.spec.needs]
+            meta["alias"] = str(source)
+            dest.mkdir(parents=True, exist_ok=True)
+        elif isinstance(result, Effect) or effect.chunks is None:
+            # a sink (data.load) or an action that returned nothing: no data to read downstream
+            dest.mkdir(parents=True, exist_ok=True)
+            meta["empty"] = True
+        meta.setdefault("records_out", info.get("records_out", progress.records))
+        write_json_atomic(dest / CHECKPOINT_META, meta)
+        self.run_dir.discard_stale_checkpoints(p.name, keep=dest)
+        return {**info, "records_out": meta["records_out"], "checkpoint": str(dest)}
+
+
+class _Progress:
+    def __init__(self):
+        self.done = 0
+        self.total = 0
+        self.records = 0
+        self._lock = threading.Lock()
+
+    def add(self, records: int) -> None:
+        with self._lock:
+            self.done += 1
+            self.records += records
+
+
+def _failure_event(run_id: str, step: str, exc: BaseException, started: float, attempt: int,
+                   will_retry: bool, records_done: int) -> ev.StepFailed:
+    frame = user_frame(exc)
+    details = dict(getattr(exc, "details", {}) or {}) if isinstance(exc, StepError) else {}
+    return ev.StepFailed(
+        run_id=run_id, step=step, error_type=type(exc).__name__, message=str(exc),
+        location=frame.where if frame else None, source_line=frame.source if frame else None,
+        traceback=format_exception(exc), duration=time.time() - started, attempt=attempt,
+        will_retry=will_retry, records_done=records_done, details=_jsonable(details))
+
+
+def _jsonable(data: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(data, default=str))
+
+
+__all__ = ["Executor", "read_checkpoint_meta"]

@@ -1,0 +1,253 @@
+"""Run: the live handle on one workflow run — its records, outputs, and the buttons' methods.
+
+Every front end is a view over a Run: the CLI, the text log, the widget and the
+saved report read its records; rerun / cancel / apply_fix are methods here so a
+test (or a button) calls them the same way.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from nbflow import events as ev
+from nbflow.errors import WorkflowFailed
+from nbflow.plan import Plan, make_plan
+from nbflow.spec import WorkflowSpec, load, parse
+from nbflow.state import RunState, Status, StepRecord
+from nbflow.store import RunDir, RunStore
+
+Observer = Callable[[ev.Event], None]
+
+
+class Outputs(Mapping):
+    """``run.outputs[step]``: a completed step's output as a lazy Dask DataFrame."""
+
+    def __init__(self, run: Run):
+        self._run = run
+
+    def __getitem__(self, step: str):
+        from nbflow.engine.chunks import open_checkpoint
+
+        rec = self._run.state.steps[step]
+        if not rec.status.done:
+            raise KeyError(f"step '{step}' has no output: it is {rec.status.value}")
+        return open_checkpoint(rec.checkpoint, step)
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n, rec in self._run.state.steps.items() if rec.status.done)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class Run:
+    def __init__(self, spec: WorkflowSpec, run_dir: RunDir, state: RunState, *,
+                 overrides: Mapping[str, Any] | None = None,
+                 namespace: Mapping[str, Any] | None = None, backend=None,
+                 workdir: str | os.PathLike | None = None, observers: list[Observer] | None = None):
+        self.spec = spec
+        self.run_dir = run_dir
+        self.state = state
+        self.overrides = dict(overrides or {})
+        self.namespace = namespace
+        self.backend = backend
+        self.workdir = Path(workdir or Path.cwd()).resolve()
+        self.observers: list[Observer] = list(observers or [])
+        self.plan: Plan | None = None
+        self._lock = threading.RLock()
+        self._cancel = threading.Event()
+        self._running = False
+
+    # -- what views read --------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.run_id
+
+    @property
+    def status(self) -> str:
+        return self.state.status
+
+    @property
+    def records(self) -> dict[str, StepRecord]:
+        return dict(self.state.steps)
+
+    @property
+    def outputs(self) -> Outputs:
+        return Outputs(self)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def failed_step(self) -> str | None:
+        return self.state.root_failure
+
+    # -- events -------------------------------------------------------------
+    def subscribe(self, observer: Observer) -> None:
+        self.observers.append(observer)
+
+    def emit(self, event: ev.Event) -> None:
+        with self._lock:
+            self.state.apply(event)
+            self.run_dir.append_event(event)
+            if not isinstance(event, (ev.ChunkDone, ev.MemorySampled)):
+                self._save()
+            observers = list(self.observers)
+        for observer in observers:
+            observer(event)
+
+    def _save(self) -> None:
+        self.run_dir.write_run({
+            **self.state.to_dict(), "filename": self.spec.filename, "spec_text": self.spec.text,
+            "parameters": dict(self.spec.parameters), "overrides": self.overrides,
+            "workdir": str(self.workdir),
+        })
+
+    # -- doing --------------------------------------------------------------
+    def execute(self, *, force: set[str] | frozenset = frozenset(), raise_on_failure: bool = False) -> Run:
+        """Run (or rerun) the workflow, reusing every output whose cache key still matches."""
+        # Dask loads here, not at import: `nbflow runs` and `show` stay quick
+        from nbflow.engine.backends import make_backend
+        from nbflow.engine.executor import Executor
+
+        if self._running:
+            raise RuntimeError(f"run {self.run_id} is already running")
+        previous = self.state if self.state.attempt else None
+        plan = make_plan(self.spec, namespace=self.namespace, previous=previous, force=set(force),
+                         workdir=self.workdir)
+        self.plan = plan
+        self._cancel.clear()
+        self._running = True
+        backend = make_backend(self.backend)
+        started = time.time()
+        status = "failed"
+        try:
+            self.emit(ev.RunStarted(run_id=self.run_id, workflow=self.spec.name,
+                                    steps=plan.order, attempt=self.state.attempt + 1,
+                                    reused=plan.reused, to_run=plan.to_run, backend=backend.name))
+            executor = Executor(plan, self.run_dir, backend, self.emit, namespace=self.namespace,
+                                workdir=self.workdir, cancel=self._cancel)
+            try:
+                status = executor.execute()
+            except KeyboardInterrupt:
+                status = "cancelled"
+                raise
+        finally:
+            self.emit(ev.RunFinished(run_id=self.run_id, status=status, duration=time.time() - started,
+                                     failed=tuple(self.state.failed_steps)))
+            self._running = False
+            if backend is not self.backend:
+                backend.close()
+            self.run_dir.close()
+        if raise_on_failure and status == "failed":
+            self.raise_for_status()
+        return self
+
+    def rerun(self, spec: WorkflowSpec | str | None = None, *, from_step: str | None = None,
+              parameters: Mapping[str, Any] | None = None, raise_on_failure: bool = False) -> Run:
+        """Run failed, cancelled and skipped steps again, and any step whose key changed.
+
+        ``spec`` replaces the workflow (e.g. a corrected one); ``parameters``
+        override its placeholders; ``from_step`` forces that step and its
+        dependents to run even if their outputs are still valid.
+        """
+        if parameters:
+            self.overrides.update(parameters)
+        if isinstance(spec, str):
+            spec = parse(spec, filename=self.spec.filename, overrides=self.overrides,
+                         namespace=self.namespace)
+        elif spec is None and (parameters or self.namespace is not None):
+            spec = parse(self.spec.text, filename=self.spec.filename, overrides=self.overrides,
+                         namespace=self.namespace)
+        if spec is not None:
+            self.spec = spec
+        force = set()
+        if from_step is not None:
+            self.spec.step(from_step)  # KeyError for a step that isn't there
+            force.add(from_step)
+        return self.execute(force=force, raise_on_failure=raise_on_failure)
+
+    def cancel(self) -> None:
+        """Stop starting new chunks; steps in flight are marked cancelled. Safe from any thread."""
+        self._cancel.set()
+
+    def raise_for_status(self) -> None:
+        if self.status == "failed":
+            step = self.failed_step
+            rec = self.state.steps.get(step) if step else None
+            message = ""
+            if rec is not None and rec.error:
+                message = f"{rec.error.get('error_type')}: {rec.error.get('message')}"
+            raise WorkflowFailed(self.run_id, step, message)
+
+    # -- display ------------------------------------------------------------
+    def summary(self) -> str:
+        from nbflow.ui.text import run_summary
+
+        return run_summary(self.state, self.spec)
+
+    def __repr__(self) -> str:
+        return f"<Run {self.run_id} {self.spec.name}: {self.status}>"
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(repr(self) if cycle else self.summary())
+
+
+def run(workflow: WorkflowSpec | str | os.PathLike, *, parameters: Mapping[str, Any] | None = None,
+        namespace: Mapping[str, Any] | None = None, store: str | os.PathLike | None = None,
+        backend=None, log: bool | Observer = True, workdir: str | os.PathLike | None = None,
+        raise_on_failure: bool = False, observers: list[Observer] | None = None) -> Run:
+    """Run a workflow: a WorkflowSpec, YAML text, or the path of a YAML file."""
+    from nbflow.actions.registry import check
+
+    if isinstance(workflow, WorkflowSpec):
+        spec = workflow
+    elif isinstance(workflow, os.PathLike) or (isinstance(workflow, str) and "\n" not in workflow
+                                               and workflow.endswith((".yaml", ".yml"))):
+        spec = load(workflow, parameters, namespace=namespace,
+                    action_check=lambda name: check(name, namespace))
+    else:
+        spec = parse(workflow, overrides=parameters, namespace=namespace,
+                     action_check=lambda name: check(name, namespace))
+    run_dir = RunStore(store).new_run(spec.name)
+    state = RunState(run_dir.run_id, spec.name, spec.step_names)
+    handle = Run(spec, run_dir, state, overrides=parameters, namespace=namespace, backend=backend,
+                 workdir=workdir, observers=list(observers or []))
+    _attach_log(handle, log)
+    return handle.execute(raise_on_failure=raise_on_failure)
+
+
+def _attach_log(handle: Run, log: bool | Observer) -> None:
+    if log is True:
+        from nbflow.ui.log import TextLog
+
+        handle.subscribe(TextLog(actions={s.name: s.action for s in handle.spec.steps}))
+    elif callable(log):
+        handle.subscribe(log)
+
+
+def open_run(run_id: str | None = None, *, store: str | os.PathLike | None = None,
+             namespace: Mapping[str, Any] | None = None, backend=None,
+             log: bool | Observer = False) -> Run:
+    """A past run from the store (in this process or after a restart), ready to show or rerun."""
+    run_dir = RunStore(store).open(run_id)
+    data = run_dir.read_run()
+    state = RunState.from_dict(data)
+    if state.status == "running":
+        # the process that ran it died mid-run: whatever was running never finished
+        state.status = "cancelled"
+        for name, rec in state.steps.items():
+            if rec.status in (Status.RUNNING, Status.PENDING):
+                state.steps[name] = StepRecord(name, status=Status.CANCELLED, attempt=rec.attempt)
+    overrides = data.get("overrides") or {}
+    spec = parse(data["spec_text"], filename=data.get("filename", "workflow.yaml"),
+                 overrides=overrides, namespace=namespace)
+    handle = Run(spec, run_dir, state, overrides=overrides, namespace=namespace, backend=backend,
+                 workdir=data.get("workdir"))
+    _attach_log(handle, log)
+    return handle

@@ -1,0 +1,214 @@
+"""The CLI in fresh processes: exit codes, reruns reusing checkpoints, cache invalidation, Ctrl-C."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import nbflow_cmd, subprocess_env
+
+STEPS_MODULE = '''
+import os
+import time
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.log")
+
+
+def _log(name):
+    with open(LOG, "a") as fh:
+        fh.write(name + "\\n")
+
+
+def count(df):
+    _log("count")
+    return df
+
+
+def tag(df, factor=1):
+    _log("tag")
+    if os.path.exists("FAIL"):
+        raise RuntimeError("asked to fail by the FAIL file")
+    return df.assign(scaled=df.amount * factor)
+
+
+def slow(df, factor=1):
+    _log("slow")
+    time.sleep(0.3)
+    return df
+'''
+
+WORKFLOW = """\
+name: cli-test
+parameters: {input_path: records.csv, factor: 1}
+steps:
+  - name: extract
+    action: data.extract
+    params: {path: "{input_path}", chunk_size: 200}
+  - name: count
+    action: mysteps:count
+    needs: extract
+  - name: tag
+    action: mysteps:tag
+    needs: count
+    params: {factor: "{factor}"}
+  - name: load
+    action: data.load
+    needs: tag
+    params: {path: out/tagged.parquet}
+"""
+
+
+@pytest.fixture
+def project(tmp_path, records_csv):
+    (tmp_path / "mysteps.py").write_text(STEPS_MODULE)
+    (tmp_path / "wf.yaml").write_text(WORKFLOW)
+    (tmp_path / "records.csv").write_bytes(records_csv.read_bytes())
+    return tmp_path
+
+
+def cli(project: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(nbflow_cmd(*args), cwd=project, capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env(PYTHONPATH=f"{project}"))
+
+
+def calls(project: Path) -> list[str]:
+    path = project / "calls.log"
+    return path.read_text().split() if path.exists() else []
+
+
+def latest_run(project: Path) -> dict:
+    runs = sorted((project / ".nbflow" / "runs").iterdir())
+    return json.loads((runs[-1] / "run.json").read_text())
+
+
+def statuses(run: dict) -> dict[str, str]:
+    return {name: rec["status"] for name, rec in run["steps"].items()}
+
+
+def test_success_exits_0_and_prints_the_log(project):
+    res = cli(project, "run", "wf.yaml")
+    assert res.returncode == 0, res.stderr
+    assert "Workflow started: cli-test" in res.stdout
+    assert "Records extracted: 1,000" in res.stdout
+    assert "Workflow completed successfully!" in res.stdout
+    assert len(pd.read_parquet(project / "out/tagged.parquet")) == 1000
+
+
+def test_failure_exits_1_then_rerun_in_a_new_process_reuses_completed_steps(project):
+    (project / "FAIL").touch()
+    res = cli(project, "run", "wf.yaml")
+    assert res.returncode == 1
+    assert "✗ tag: FAILED" in res.stdout
+    assert "RuntimeError: asked to fail by the FAIL file" in res.stdout
+    assert "mysteps.py:" in res.stdout  # the location of the user's line
+    assert "Workflow paused - waiting for intervention" in res.stdout
+    assert statuses(latest_run(project)) == {"extract": "completed", "count": "completed",
+                                            "tag": "failed", "load": "skipped"}
+    assert not (project / "out").exists()
+    count_calls = calls(project).count("count")
+
+    (project / "FAIL").unlink()
+    res = cli(project, "rerun", "latest")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Workflow restarted (reusing: extract, count)" in res.stdout
+    assert calls(project).count("count") == count_calls  # count did not execute again
+    assert statuses(latest_run(project)) == {"extract": "reused", "count": "reused",
+                                            "tag": "completed", "load": "completed"}
+    assert len(pd.read_parquet(project / "out/tagged.parquet")) == 1000
+
+
+def test_changed_parameter_or_code_invalidates_only_that_step_and_dependents(project):
+    assert cli(project, "run", "wf.yaml").returncode == 0
+    before = calls(project)
+
+    res = cli(project, "rerun", "latest", "-p", "factor=3")
+    assert res.returncode == 0, res.stderr
+    assert statuses(latest_run(project)) == {"extract": "reused", "count": "reused",
+                                            "tag": "completed", "load": "completed"}
+    assert calls(project).count("count") == before.count("count")
+    out = pd.read_parquet(project / "out/tagged.parquet")
+    assert (out["scaled"] == out["amount"] * 3).all()
+
+    # nothing changed: everything is reused
+    assert cli(project, "rerun", "latest").returncode == 0
+    assert set(statuses(latest_run(project)).values()) == {"reused"}
+
+    # the function's code changes: its step and what follows run again
+    module = project / "mysteps.py"
+    module.write_text(module.read_text().replace('_log("tag")', '_log("tag")  # edited'))
+    tag_calls = calls(project).count("tag")
+    assert cli(project, "rerun", "latest").returncode == 0
+    assert statuses(latest_run(project)) == {"extract": "reused", "count": "reused",
+                                            "tag": "completed", "load": "completed"}
+    assert calls(project).count("tag") > tag_calls
+
+
+def test_interrupt_exits_130_and_leaves_no_trusted_checkpoint(project):
+    wf = project / "slow.yaml"
+    wf.write_text(WORKFLOW.replace("mysteps:tag", "mysteps:slow").replace("chunk_size: 200",
+                                                                          "chunk_size: 20"))
+    proc = subprocess.Popen(nbflow_cmd("run", "slow.yaml"), cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(PYTHONPATH=str(project)))
+    deadline = time.time() + 60
+    while time.time() < deadline and calls(project).count("slow") < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    run = latest_run(project)
+    assert run["status"] == "cancelled"
+    assert statuses(run)["tag"] == "cancelled"
+    run_dir = sorted((project / ".nbflow" / "runs").iterdir())[-1]
+    assert not list(run_dir.glob("checkpoints/tag-*/_nbflow.json"))
+    assert list(run_dir.glob("checkpoints/count-*/_nbflow.json"))
+
+    res = cli(project, "rerun", "latest", timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert statuses(latest_run(project))["tag"] == "completed"
+    assert statuses(latest_run(project))["count"] == "reused"
+
+
+def test_invalid_workflow_exits_2_with_line_and_no_traceback(project):
+    (project / "bad.yaml").write_text(textwrap.dedent("""\
+        name: bad
+        steps:
+          - name: extract
+            action: data.extract
+            params: {path: records.csv}
+          - name: load
+            action: data.load
+            needs: [extrct]
+            params: {path: out.parquet}
+        """))
+    for command in (["run", "bad.yaml"], ["validate", "bad.yaml"]):
+        res = cli(project, *command)
+        assert res.returncode == 2
+        assert "line 8" in res.stderr and "did you mean 'extract'" in res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_usage_errors_exit_2(project):
+    assert cli(project, "run").returncode == 2
+    res = cli(project, "run", "wf.yaml", "-p", "not-a-pair")
+    assert res.returncode == 2 and "key=value" in res.stderr
+    res = cli(project, "show", "no-such-run")
+    assert res.returncode == 2 and "no run 'no-such-run'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_runs_and_show(project):
+    (project / "FAIL").touch()
+    cli(project, "run", "wf.yaml")
+    res = cli(project, "runs")
+    assert res.returncode == 0 and "cli-test" in res.stdout and "failed" in res.stdout
+    res = cli(project, "show", "latest")
+    assert res.returncode == 0
+    assert "tag failed: RuntimeError: asked to fail" in res.stdout
+    assert "load: skipped: tag failed" in res.stdout
