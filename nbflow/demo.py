@@ -116,8 +116,10 @@ def generate_records(path: str | Path, rows: int = 1_000_000, seed: int = 0,
                 if writer is None:
                     writer = pacsv.CSVWriter(out, table.schema, write_options=options)
                 writer.write_table(table)
-            if writer is not None:
-                writer.close()
+            if writer is None:  # rows=0: a header alone
+                writer = pacsv.CSVWriter(out, _block(np.random.default_rng(seed), 0, 0, 1, users,
+                                                     notes).schema, write_options=options)
+            writer.close()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -127,14 +129,14 @@ def generate_records(path: str | Path, rows: int = 1_000_000, seed: int = 0,
 @action("demo.clean_records", kind="chunk")
 def clean_records(df: pd.DataFrame) -> pd.DataFrame:
     """Tidy notes and countries, drop rows without an amount, flag refunds, add amount_eur."""
-    out = df.loc[df["amount"].notna()].copy()
-    out["note"] = (out["note"].astype("str").str.strip().str.lower()
-                   .str.replace(r"\s+", " ", regex=True))
-    out["country"] = out["country"].astype("str").str.strip().str.upper().fillna("??")
-    out["country"] = out["country"].where(out["country"] != "", "??")
+    out = df.loc[df["amount"].notna()]
+    out["note"] = (out["note"].astype("str").str.replace("\t", " ", regex=False)
+                   .str.strip().str.lower())
+    country = out["country"].astype("str").str.strip().str.upper()
+    out["country"] = country.where(country.notna() & (country != ""), "??")
     out["refund"] = out["amount"] < 0
-    out["timestamp"] = pd.to_datetime(out["timestamp"], format="ISO8601")
-    # mapping the categories (a dozen) rather than every row is ~10x cheaper
+    out["timestamp"] = pd.to_datetime(out["timestamp"], format="ISO8601", errors="coerce")
+    # mapping the dozen categories rather than every row is ~10x cheaper
     rate = out["category"].astype("category").map(RATES).astype("float64")
     out["amount_eur"] = (out["amount"] * rate).round(2)
     return out.loc[:, list(CLEAN_COLUMNS)].reset_index(drop=True)
@@ -144,18 +146,94 @@ def clean_records(df: pd.DataFrame) -> pd.DataFrame:
 def enrich_in_memory(df: pd.DataFrame, copies: int = 12) -> pd.DataFrame:
     """The first version everyone writes: every intermediate frame kept "just in case".
 
-    Same result as ``clean_records``; memory grows with every copy because each
-    is kept alive in ``history`` and carries Python-object string columns.
+    Returns what ``clean_records`` returns. Each pass copies the frame, rebuilds the
+    text columns as Python objects and adds a concatenated ``tag``; every pass
+    stays alive in ``history``, so memory grows pass by pass (~2 KB per row at 12).
     """
     history = [df]
-    current = df
-    for i in range(copies):
-        current = current.copy()
-        current["note"] = current["note"].astype(object)
-        current["user"] = current["user"].astype(object)
-        current[f"label_{i}"] = current["user"] + " / " + current["note"].fillna("") + f" #{i}"
-        current[f"key_{i}"] = current["id"].astype(str).astype(object) + ":" + current["category"].astype(object)
-        history.append(current)
-    result = clean_records(history[0])
-    del history, current
-    return result
+    for _ in range(copies):
+        frame = history[-1].copy()
+        # notes as Python objects, padded: a new ~100-byte string per row and pass
+        frame["note"] = frame["note"].astype(object) + " "
+        history.append(frame)
+    return clean_records(history[-1])
+
+
+# -- the demo workflows -------------------------------------------------------------------------
+
+def _schema_yaml() -> str:
+    cols = ", ".join(f"{name}: {{dtype: {spec['dtype']}, nullable: {str(spec['nullable']).lower()}}}"
+                     for name, spec in DEMO_SCHEMA.items())
+    return "{" + cols + "}"
+
+
+PIPELINE = f"""\
+name: data-pipeline
+version: 1.1.0
+parameters: {{input_path: records.csv, output_path: out/clean.parquet}}
+defaults: {{chunk_size: 100000, max_memory: 512MB, retries: 0}}
+steps:
+  - name: extract-data
+    action: data.extract
+    params: {{path: "{{input_path}}", streaming: true}}
+  - name: validate-schema
+    action: data.validate
+    needs: [extract-data]
+    params:
+      schema: {_schema_yaml()}
+  - name: transform-data
+    action: data.transform_streaming
+    needs: [validate-schema]
+    params: {{function: demo.clean_records}}
+  - name: load-data
+    action: data.load
+    needs: [transform-data]
+    params: {{path: "{{output_path}}"}}
+"""
+
+#: the seed's first attempt: the transform loads all data at once
+OOM = PIPELINE.replace("""    action: data.transform_streaming
+    needs: [validate-schema]
+    params: {function: demo.clean_records}""", """    action: demo.enrich_in_memory      # keeps every intermediate copy
+    needs: [validate-schema]
+    params: {streaming: false, max_memory: 512MB}""").replace("version: 1.1.0", "version: 1.0.0")
+
+#: the fix: the same function, 10,000 records at a time, within the same budget
+OOM_FIXED = OOM.replace("params: {streaming: false, max_memory: 512MB}",
+                        "params: {streaming: true, chunk_size: 10000, max_memory: 512MB}")
+
+
+def ensure_records(folder: Path, rows: int, seed: int = 0) -> Path:
+    """The demo's input file, generated once per (rows, seed)."""
+    path = folder / "records.csv"
+    stamp = folder / ".records.csv.rows"
+    if not (path.exists() and stamp.exists() and stamp.read_text() == f"{rows} {seed}"):
+        print(f"generating {rows:,} records in {path} ...", flush=True)
+        generate_records(path, rows=rows, seed=seed)
+        stamp.write_text(f"{rows} {seed}")
+    return path
+
+
+def run_demo(rows: int = 1_000_000, folder: Path = Path("nbflow-demo"), scenario: str = "pipeline",
+             store: str | os.PathLike | None = None) -> int:
+    """``nbflow demo``: generate the data and run the pipeline (or the out-of-memory story)."""
+    from nbflow.handle import run
+
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    ensure_records(folder, rows)
+    store = store or folder / ".nbflow"
+    name = "workflow.yaml" if scenario == "pipeline" else "workflow-oom.yaml"
+    (folder / name).write_text(PIPELINE if scenario == "pipeline" else OOM)
+    handle = run(folder / name, workdir=folder, store=store)
+    print()
+    print(handle.summary())
+    if scenario == "pipeline" or handle.status != "failed":
+        return 0 if handle.status == "completed" else 1
+    print("\nThe transform loads every record into memory at once. Fix: the same function, chunk by chunk:")
+    print("    params: {streaming: true, chunk_size: 10000, max_memory: 512MB}\n")
+    (folder / "workflow-fixed.yaml").write_text(OOM_FIXED)
+    handle.rerun(OOM_FIXED)
+    print()
+    print(handle.summary())
+    return 0 if handle.status == "completed" else 1

@@ -53,6 +53,7 @@ class RunStarted(Event):
     to_run: tuple[str, ...] = ()
     backend: str = "threads"
     default_budget: int | None = None
+    budget_note: str = ""  # where the default budget comes from, for the log
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +74,7 @@ class StepPlanned(Event):
     kind: ClassVar[str] = "step_planned"
     step: str
     chunks_total: int
+    chunk_size: int | None = None  # set when ``chunk_size: auto`` picked it
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -61,6 +61,10 @@ class Run:
         self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._running = False
+        #: seconds between memory samples
+        self.memory_interval = 0.1
+        #: the default per-step budget, as a fraction of the memory available to the process
+        self.budget_fraction = 0.5
 
     # -- what views read --------------------------------------------------
     @property
@@ -101,6 +105,10 @@ class Run:
         for observer in observers:
             observer(event)
 
+    def _on_sample(self, sample) -> None:
+        self.emit(ev.MemorySampled(run_id=self.run_id, time=sample.time, rss=sample.rss,
+                                   steps=sample.steps))
+
     def _save(self) -> None:
         self.run_dir.write_run({
             **self.state.to_dict(), "filename": self.spec.filename, "spec_text": self.spec.text,
@@ -114,6 +122,7 @@ class Run:
         # Dask loads here, not at import: `nbflow runs` and `show` stay quick
         from nbflow.engine.backends import make_backend
         from nbflow.engine.executor import Executor
+        from nbflow.engine.memory import MemoryMonitor, default_budget, describe_default_budget
 
         if self._running:
             raise RuntimeError(f"run {self.run_id} is already running")
@@ -126,17 +135,26 @@ class Run:
         backend = make_backend(self.backend)
         started = time.time()
         status = "failed"
+        budget = default_budget(self.budget_fraction)
+        monitor = MemoryMonitor(interval=self.memory_interval, on_sample=self._on_sample)
         try:
             self.emit(ev.RunStarted(run_id=self.run_id, workflow=self.spec.name,
                                     steps=plan.order, attempt=self.state.attempt + 1,
-                                    reused=plan.reused, to_run=plan.to_run, backend=backend.name))
+                                    reused=plan.reused, to_run=plan.to_run, backend=backend.name,
+                                    default_budget=budget,
+                                    budget_note=describe_default_budget(self.budget_fraction)
+                                    .removeprefix("memory budget: ")))
             executor = Executor(plan, self.run_dir, backend, self.emit, namespace=self.namespace,
-                                workdir=self.workdir, cancel=self._cancel)
+                                workdir=self.workdir, cancel=self._cancel, monitor=monitor,
+                                default_budget=budget)
+            monitor.start()
             try:
                 status = executor.execute()
             except KeyboardInterrupt:
                 status = "cancelled"
                 raise
+            finally:
+                monitor.stop()
         finally:
             self.emit(ev.RunFinished(run_id=self.run_id, status=status, duration=time.time() - started,
                                      failed=tuple(self.state.failed_steps)))

@@ -181,11 +181,12 @@ class _Reader:
         for key_node, value_node in node.value:
             key = self.construct(key_node)
             try:
-                duplicate = check and id(key_node) in own and key in first
+                hash(key)
             except TypeError:
-                self.problem("a key must be a plain value, not a list or mapping", key_node)
+                if check:
+                    self.problem("a key must be a plain value, not a list or mapping", key_node)
                 continue
-            if duplicate:
+            if check and id(key_node) in own and key in first:
                 self.problem(f"duplicate key '{key}'", key_node,
                              f"'{key}' is already set at line {first[key]}; keep one (YAML keeps only the last)")
             elif id(key_node) in own:
@@ -368,7 +369,7 @@ class _Reader:
                              "write needs: [step-a, step-b]")
 
         params: dict[str, Any] = {}
-        settings = {}  # precedence: step level > params > defaults
+        settings = dict(defaults)  # precedence: step level > params > defaults
         for key, key_node, value_node in self.mapping(fields.get("params", (None, None))[1], "params"):
             if not isinstance(key, str):
                 self.problem(f"{label}: parameter names must be text, not {_kind(key)}", key_node)

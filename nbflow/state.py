@@ -135,7 +135,10 @@ class RunState:
                       records_in=event.records_in, records_done=0, chunks_done=0,
                       error=None)
         elif isinstance(event, ev.StepPlanned):
-            self._set(event.step, chunks_total=event.chunks_total)
+            changes = {"chunks_total": event.chunks_total}
+            if event.chunk_size:
+                changes["chunk_size"] = event.chunk_size
+            self._set(event.step, **changes)
         elif isinstance(event, ev.ChunkDone):
             self._set(event.step, chunks_done=event.chunks_done, chunks_total=event.chunks_total,
                       records_done=event.records_done)

@@ -14,6 +14,7 @@ _LIBRARY_DIRS = tuple({os.path.realpath(p) for p in (
     sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib"),
 ) if p})
 _NBFLOW_DIR = os.path.dirname(os.path.realpath(__file__))
+_DEMO_FILE = os.path.join(_NBFLOW_DIR, "demo.py")
 _IPYKERNEL_CELL = re.compile(r"ipykernel_\d+[/\\]\d+\.py$|<ipython-input-")
 
 
@@ -34,6 +35,8 @@ def is_user_file(filename: str) -> bool:
     if filename.startswith("<") and not filename.startswith("<ipython-input"):
         return False
     path = os.path.realpath(filename)
+    if path == _DEMO_FILE:
+        return True  # the demo's transforms stand for the user's code
     if path.startswith(_NBFLOW_DIR + os.sep):
         return False
     return not any(path.startswith(d + os.sep) for d in _LIBRARY_DIRS)

@@ -423,6 +423,7 @@ def test_wrong_types_at_the_top(text, message, line):
     ("needs: 5", "step 'a': needs must name steps, not the number 5"),
     ("params: [1, 2]", "params must be a mapping, not a list"),
     ("params: text", "params must be a mapping, not 'text'"),
+    ("params: {[x]: 1}", "a key must be a plain value, not a list or mapping"),
 ])
 def test_wrong_types_in_a_step(extra, message):
     problem = one_problem(step_text(extra))
@@ -478,7 +479,7 @@ def test_a_step_name_is_accepted_iff_it_is_a_safe_file_name(name):
         assert [p.message for p in err.problems] == [f"step name '{name}' can't name its checkpoint folder"]
     else:
         assert safe and spec.steps[0].name == name
-    assert SAFE_NAME.fullmatch(name) is not None if safe else True
+    assert (SAFE_NAME.fullmatch(name) is not None) == safe
 
 
 def test_step_name_must_be_text():
@@ -653,3 +654,15 @@ def test_unknown_placeholder_in_an_action_is_not_also_an_unknown_action():
 def test_recursive_alias_is_a_problem_not_a_crash():
     problem = one_problem(step_text("params: &p", "  x: [*p]"))
     assert problem.line == 6 and problem.message.startswith("invalid value")
+
+
+@given(st.lists(st.tuples(st.integers(0, len(SEED)), st.sampled_from(list("{}[]:-,&*!|'\"# \n\tab0.~"))),
+                min_size=1, max_size=6))
+def test_any_edit_of_a_workflow_parses_or_raises_spec_error(edits):
+    text = SEED
+    for position, char in edits:
+        text = text[:position] + char + text[position + 1:]
+    try:
+        parse(text, overrides={"rows": 3}, action_check=lambda name: None)
+    except SpecError as err:  # never a KeyError, TypeError or RecursionError from a typo
+        assert err.problems and str(err)

@@ -40,7 +40,15 @@ _MARGIN = 0.9
 @action("data.extract", kind="step")
 def extract(ctx: StepContext, path: str, format: str | None = None,
             columns: list[str] | None = None, **read_kwargs) -> Any:
-    """Read CSV/TSV, Parquet or JSON Lines (a file, a directory or a glob) in chunks."""
+    """Read CSV/TSV, Parquet or JSON Lines (a file, a directory or a glob) in chunks.
+
+    Partitions hold at most ``chunk_size`` records for Parquet (cut from row groups),
+    compressed files (cut after counting lines) and ``streaming: false``; CSV and JSONL
+    are cut in byte ranges sized from the first 64 KB's row length with a 10% margin,
+    so about 85-90% of ``chunk_size``, more only where rows are >10% shorter than the
+    sample. Dask infers CSV dtypes from the first 256 KB: a column that turns out
+    otherwise later fails the read ("Mismatched dtypes"); pass ``dtype`` to fix it.
+    """
     import dask.dataframe as dd
 
     files = _resolve(ctx, path)
@@ -109,21 +117,19 @@ def _resolve(ctx: StepContext, path: str | Path) -> list[Path]:
 
 
 def _near(target: Path, workdir: Path) -> list[Path]:
-    """Up to three existing paths whose names are closest to ``target``'s."""
+    """Up to three existing paths closest to ``target``: by name in its folder and the
+    working directories, or by path one level down when the folder itself is mistyped."""
+    by_path = not target.parent.is_dir()
     folders = [target.parent, workdir, Path.cwd()]
-    if not target.parent.is_dir():  # a typo in a folder name: compare paths one level down
-        folders += [p for p in sorted(workdir.iterdir()) if p.is_dir()][:50] if workdir.is_dir() else []
-        key = str(_display(target, workdir))
-        name_of = lambda p: str(_display(p, workdir))  # noqa: E731
-    else:
-        key = target.name
-        name_of = lambda p: p.name  # noqa: E731
+    if by_path and workdir.is_dir():
+        folders += sorted(p for p in workdir.iterdir() if p.is_dir())[:50]
     candidates: dict[str, Path] = {}
     for folder in folders:
         if folder.is_dir():
             for entry in sorted(folder.iterdir())[:2000]:
                 if not entry.name.startswith("."):
-                    candidates.setdefault(name_of(entry), entry)
+                    candidates.setdefault(_display(entry, workdir) if by_path else entry.name, entry)
+    key = _display(target, workdir) if by_path else target.name
     return [candidates[m] for m in difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.6)]
 
 
@@ -374,9 +380,10 @@ def _finish_validate(rules: dict, results: pd.DataFrame) -> dict:
         examples: list = []
         for text in group["examples"]:
             examples += [v for v in json.loads(text) if v not in examples]
+        hit = group[group["count"] > 0] if (group["count"] > 0).any() else group
         problems.append({"column": column, "kind": kind, "expected": expected, "found": dtype,
                          "count": int(group["count"].sum()), "examples": examples[:3],
-                         "chunks": sorted(set(group["chunk"].tolist()))[:3]})
+                         "chunks": sorted(set(hit["chunk"].tolist()))[:3]})
     if not problems:
         return {"records_in": records, "records_out": records}
     problems.sort(key=lambda p: (order.get(p["column"], len(order)),
@@ -590,7 +597,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-# the demo's actions (demo.clean_records, demo.enrich_in_memory) are built-ins too
-import nbflow.demo  # noqa: E402,F401

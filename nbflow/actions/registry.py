@@ -129,6 +129,7 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
 
 def _builtins_loaded() -> None:
     import nbflow.actions.data  # noqa: F401  (registers data.*)
+    import nbflow.demo  # noqa: F401  (registers demo.*)
 
 
 def registered() -> dict[str, Action]:

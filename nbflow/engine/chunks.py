@@ -42,15 +42,26 @@ def _read_part(path: str) -> pd.DataFrame:
 
 
 class Tokenized:
-    """A user function with the step's token: Dask names tasks by hashing their
-    arguments, and a closure over a lock or a notebook object may not hash."""
+    """A user function with the step's token and memory guard.
 
-    def __init__(self, func, token: str):
+    Dask names tasks by hashing their arguments, and a closure over a lock or a
+    notebook object may not hash: the step's token stands in. The guard (local
+    backend only: it holds threads and locks) wraps each call where it runs, in
+    the worker thread, so the step's budget can interrupt it.
+    """
+
+    def __init__(self, func, token: str, guard=None):
         self.func = func
         self.token = token
+        self.guard = guard
 
-    def __call__(self, *args, **kwargs):
-        return self.func(*args, **kwargs)
+    def __call__(self, *args, chunk: int | None = None, **kwargs):
+        if self.guard is None:
+            return self.func(*args, **kwargs)
+        return self.guard.wrap(self.func, chunk=chunk)(*args, **kwargs)
+
+    def __reduce__(self):  # to a worker process: the function travels, the guard stays
+        return (Tokenized, (self.func, self.token))
 
     def __dask_tokenize__(self):
         return ("nbflow-step-function", self.token)
@@ -60,11 +71,13 @@ class Tokenized:
         return getattr(self.func, "__name__", repr(self.func))
 
 
-def apply_chunk(df: pd.DataFrame, func, params: Mapping[str, Any], chunk_size: int) -> pd.DataFrame:
+def apply_chunk(df: pd.DataFrame, func: Tokenized, params: Mapping[str, Any], chunk_size: int,
+                partition_info=None) -> pd.DataFrame:
     """Apply a chunk-wise function to at most ``chunk_size`` records at a time."""
+    chunk = partition_info["number"] if partition_info else None
     if len(df) <= chunk_size:
-        return _checked(func(df, **params), func)
-    pieces = [_checked(func(df.iloc[i:i + chunk_size], **params), func)
+        return _checked(func(df, chunk=chunk, **params), func)
+    pieces = [_checked(func(df.iloc[i:i + chunk_size], chunk=chunk, **params), func)
               for i in range(0, len(df), chunk_size)]
     return pd.concat(pieces, ignore_index=True)
 
@@ -80,34 +93,40 @@ def _checked(result, func) -> pd.DataFrame:
 def _in_memory(func, params: Mapping[str, Any], kind: str, names: list[str], *parts_per_input):
     """The naive mode: every chunk of the input concatenated into one frame, one call."""
     frames = {name: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-              for name, parts in zip(names, parts_per_input)}
+              for name, parts in zip(names, parts_per_input, strict=True)}
     data = next(iter(frames.values())) if len(frames) == 1 else frames
     result = func(data, **params)
     return _checked(result, func) if kind == "chunk" else result
 
 
 def apply_action(action: Action, ctx: StepContext, params: Mapping[str, Any], backend,
-                 cancel: threading.Event | None = None, wrap=None):
-    """Call the action the way its kind asks; returns a Dask/pandas DataFrame, an Effect or None.
-
-    ``wrap`` (the memory guard's) wraps the user's function where it runs, in the
-    worker thread, so the step's budget can interrupt it.
-    """
-    func = wrap(action.func) if wrap is not None else action.func
+                 cancel: threading.Event | None = None, guard=None):
+    """Call the action the way its kind asks; returns a Dask/pandas DataFrame, an Effect or None."""
+    func = action.func
     if action.kind == "step":
         return func(ctx, **params)
     if ctx.streaming:
         if action.kind == "chunk":
             source = ctx.input
-            return source.map_partitions(apply_chunk, Tokenized(func, ctx.token), dict(params),
+            return source.map_partitions(apply_chunk, Tokenized(func, ctx.token, guard), dict(params),
                                          ctx.chunk_size, meta=source._meta, enforce_metadata=False,
                                          token=f"nbflow-{ctx.step.name}-{ctx.token}")
         data = ctx.input if len(ctx.inputs) == 1 else dict(ctx.inputs)
         return func(data, **params)
     names = list(ctx.inputs)
-    task = dask.delayed(_in_memory, pure=False)(
-        func, dict(params), action.kind, names, *[ctx.inputs[n].to_delayed() for n in names])
+    # the concatenation is part of the naive mode's cost: it runs inside the guard too
+    in_memory = Tokenized(_in_memory, ctx.token, guard)
+    task = dask.delayed(in_memory, pure=False)(
+        func, dict(params), action.kind, names, *[ctx.inputs[n].to_delayed() for n in names],
+        chunk=0)
     return backend.compute(task, cancel)
+
+
+def bytes_per_record(frame: pd.DataFrame) -> float:
+    """In-memory bytes per record of a sample (strings and objects counted deeply)."""
+    if len(frame) == 0:
+        return 0.0
+    return float(frame.memory_usage(deep=True, index=False).sum()) / len(frame)
 
 
 def checkpoint_effect(result, dest: Path, chunk_size: int) -> Effect:

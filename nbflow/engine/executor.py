@@ -20,9 +20,10 @@ import pandas as pd
 from nbflow import events as ev
 from nbflow.actions.registry import Effect, StepContext
 from nbflow.engine import chunks
-from nbflow.errors import RunInterrupted, StepError
+from nbflow.engine.memory import auto_chunk_size, release_memory
+from nbflow.errors import MemoryBudgetExceeded, RunInterrupted, StepError
 from nbflow.plan import Plan, PlannedStep
-from nbflow.store import RunDir, read_checkpoint_meta, write_json_atomic, CHECKPOINT_META
+from nbflow.store import CHECKPOINT_META, RunDir, read_checkpoint_meta, write_json_atomic
 from nbflow.tracebacks import format_exception, user_frame
 
 Emit = Callable[[ev.Event], None]
@@ -127,16 +128,21 @@ class Executor:
     # -- one step ------------------------------------------------------------
     def _run_step(self, p: PlannedStep) -> None:
         attempts = p.spec.retries + 1
+        budget = p.spec.max_memory or self.default_budget
         for attempt in range(1, attempts + 1):
             started = time.time()
             self.emit(ev.StepStarted(run_id=self.run_id, step=p.name, attempt=attempt,
                                      chunk_size=p.chunk_size if isinstance(p.chunk_size, int) else None,
-                                     max_memory=p.spec.max_memory or self.default_budget,
-                                     streaming=p.streaming,
+                                     max_memory=budget, streaming=p.streaming,
                                      records_in=self._records_in(p)))
             progress = _Progress()
+            guard = self.monitor.guard(p.name, budget) if self.monitor is not None else None
+            memory: dict[str, Any] = {}
             try:
-                info = self._execute(p, progress)
+                try:
+                    info = self._execute(p, progress, guard, budget)
+                finally:
+                    memory = self._release(guard)
             except RunInterrupted:
                 self.emit(ev.StepCancelled(run_id=self.run_id, step=p.name,
                                            duration=time.time() - started))
@@ -148,10 +154,14 @@ class Executor:
                     raise RunInterrupted(self.run_id) from exc
                 will_retry = attempt < attempts
                 self.emit(_failure_event(self.run_id, p.name, exc, started, attempt, will_retry,
-                                         progress.records))
+                                         progress.records, memory))
+                del exc  # its traceback holds the failed chunk's frames: let them go
+                if guard is not None:
+                    release_memory()
                 if will_retry:
                     continue
-                raise _StepFailed(p.name) from exc
+                raise _StepFailed(p.name) from None
+            info["memory"] = memory
             self.outputs[p.name] = info["checkpoint"]
             self.records[p.name] = info.get("records_out")
             self.emit(ev.StepCompleted(
@@ -162,34 +172,58 @@ class Executor:
                 info={k: v for k, v in info.items() if k not in ("checkpoint", "records_out", "bytes")}))
             return
 
+    def _release(self, guard) -> dict[str, Any]:
+        if guard is None:
+            return {}
+        guard.wait_idle(timeout=10)  # chunks still unwinding after the first failure
+        stats = self.monitor.release(guard)
+        return {"baseline": stats.baseline, "peak": stats.peak,
+                "peak_above_baseline": stats.peak_above_baseline, "budget": stats.budget,
+                "at_failure": stats.at_failure, "tripped": stats.tripped, "samples": stats.samples}
+
     def _records_in(self, p: PlannedStep) -> int | None:
         counts = [self.records.get(n) for n in p.spec.needs]
         return sum(counts) if counts and None not in counts else None
 
-    def _execute(self, p: PlannedStep, progress: _Progress) -> dict[str, Any]:
+    def _execute(self, p: PlannedStep, progress: _Progress, guard, budget: int | None) -> dict[str, Any]:
         inputs = {name: chunks.open_checkpoint(self.outputs[name], name) for name in p.spec.needs}
-        chunk_size = p.chunk_size if isinstance(p.chunk_size, int) else chunks.DEFAULT_AUTO
-        ctx = StepContext(step=p.spec, inputs=inputs, chunk_size=chunk_size, streaming=p.streaming,
-                          workdir=self.workdir, namespace=self.namespace,
+        ctx = StepContext(step=p.spec, inputs=inputs, chunk_size=chunks.DEFAULT_AUTO,
+                          streaming=p.streaming, workdir=self.workdir, namespace=self.namespace,
                           token=f"{p.key}-{secrets.token_hex(4)}")
+        auto = None
+        if p.chunk_size == "auto":
+            ctx.chunk_size = auto = self._auto_chunk_size(p, ctx, budget)
+        else:
+            ctx.chunk_size = int(p.chunk_size)
         dest = self.run_dir.checkpoint_dir(p.name, p.key)
-        result = chunks.apply_action(p.action, ctx, p.params, self.backend, self.cancel)
-        effect = result if isinstance(result, Effect) else chunks.checkpoint_effect(result, dest, chunk_size)
+        # the memory guard holds threads and locks: it works where the chunks run in this process
+        local_guard = guard if self.backend.name == "threads" else None
+        result = chunks.apply_action(p.action, ctx, p.params, self.backend, self.cancel, local_guard)
+        effect = (result if isinstance(result, Effect)
+                  else chunks.checkpoint_effect(result, dest, ctx.chunk_size))
 
         def on_chunk(index: int, frame) -> None:
             n = int(frame["records"].sum()) if isinstance(frame, pd.DataFrame) and "records" in frame else 0
             progress.add(n)
+            if guard is not None:
+                guard.add_records(n)
             self.emit(ev.ChunkDone(run_id=self.run_id, step=p.name, chunk=index,
                                    chunks_done=progress.done, chunks_total=progress.total,
                                    records=n, records_done=progress.records))
 
         if effect.chunks is not None:
             progress.total = effect.chunks.npartitions
-            self.emit(ev.StepPlanned(run_id=self.run_id, step=p.name, chunks_total=progress.total))
+            self.emit(ev.StepPlanned(run_id=self.run_id, step=p.name, chunks_total=progress.total,
+                                     chunk_size=auto))
         try:
             frames = (self.backend.compute_chunks(effect.chunks, on_chunk, self.cancel)
                       if effect.chunks is not None else [])
+            if guard is not None and guard.tripped is not None:
+                # a step whose work the guard could not interrupt (a long C call, a built-in)
+                # still fails when its memory crossed the budget, before anything is committed
+                raise guard.tripped
             results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            del frames
             info = dict(effect.finish(results) or {})
         except BaseException:
             abort = getattr(effect, "abort", None)
@@ -211,6 +245,24 @@ class Executor:
         return {**info, "records_out": meta["records_out"], "checkpoint": str(dest)}
 
 
+    def _auto_chunk_size(self, p: PlannedStep, ctx: StepContext, budget: int | None) -> int:
+        """``chunk_size: auto``: records per chunk from the budget and a measured sample."""
+        probe = 1_000
+        if p.spec.needs:
+            sample = next(iter(ctx.inputs.values())).partitions[0].compute(scheduler="sync").head(probe)
+        else:
+            ctx.chunk_size = probe
+            probed = chunks.apply_action(p.action, ctx, p.params, self.backend, self.cancel)
+            if isinstance(probed, Effect) or probed is None:
+                return chunks.DEFAULT_AUTO
+            sample = probed.partitions[0].compute(scheduler="sync") if hasattr(probed, "partitions") \
+                else probed.head(probe)
+        per_record = chunks.bytes_per_record(sample)
+        if not budget or not per_record:
+            return chunks.DEFAULT_AUTO
+        return auto_chunk_size(budget, per_record, parallel=self.backend.parallelism)
+
+
 class _Progress:
     def __init__(self):
         self.done = 0
@@ -225,9 +277,15 @@ class _Progress:
 
 
 def _failure_event(run_id: str, step: str, exc: BaseException, started: float, attempt: int,
-                   will_retry: bool, records_done: int) -> ev.StepFailed:
+                   will_retry: bool, records_done: int, memory: dict) -> ev.StepFailed:
     frame = user_frame(exc)
     details = dict(getattr(exc, "details", {}) or {}) if isinstance(exc, StepError) else {}
+    if isinstance(exc, MemoryBudgetExceeded):
+        details.update({"budget": exc.budget, "peak": exc.peak, "at_failure": exc.at_failure,
+                        "records_done": exc.records_done, "chunk": exc.chunk})
+        records_done = max(records_done, exc.records_done)
+    if memory:
+        details["memory"] = memory
     return ev.StepFailed(
         run_id=run_id, step=step, error_type=type(exc).__name__, message=str(exc),
         location=frame.where if frame else None, source_line=frame.source if frame else None,

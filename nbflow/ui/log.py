@@ -81,8 +81,8 @@ class TextLog:
             else:
                 lines = [f"{t} {s['start']} Workflow started: {event.workflow}"]
             if event.default_budget:
-                lines.append(f"{tree} Memory budget: {format_size(event.default_budget)} per step "
-                             "unless max_memory says otherwise")
+                note = event.budget_note or f"{format_size(event.default_budget)} per step"
+                lines.append(f"{tree} Memory budget: {note}; a step's max_memory overrides it")
             return lines
         if isinstance(event, ev.StepStarted):
             self._last_progress[event.step] = event.time
@@ -95,6 +95,10 @@ class TextLog:
             retry = f" (attempt {event.attempt})" if event.attempt > 1 else ""
             extra = f" [{', '.join(bits)}]" if bits else ""
             return [f"{t} {s['run']} {event.step}: Running{retry}{extra}"]
+        if isinstance(event, ev.StepPlanned):
+            if event.chunk_size:
+                return [f"{tree} {event.step}: chunk_size auto → {event.chunk_size:,} records per chunk"]
+            return []
         if isinstance(event, ev.ChunkDone):
             last = self._last_progress.setdefault(event.step, event.time)
             if event.time - last < self.progress_every or event.chunks_done == event.chunks_total:

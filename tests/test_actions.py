@@ -1,0 +1,359 @@
+"""The built-in data.* actions on real files made in tmp_path."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nbflow.actions import Effect, StepContext, registered, resolve
+from nbflow.actions.data import cleanup_temp, parquet_sink
+from nbflow.errors import InputNotFound, SchemaError, StepError
+from nbflow.spec import StepSpec
+
+ROWS = 1000
+
+
+def records(rows: int = ROWS) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    amount = np.round(rng.normal(50, 20, rows), 2)
+    amount[::50] = np.nan
+    return pd.DataFrame({
+        "id": np.arange(1, rows + 1),
+        "user": [f"user_{i % 97:03d}" for i in range(rows)],
+        "amount": amount,
+        "note": rng.choice(["Gift wrap", "  late  ", "call first", "ok"], rows),
+    })
+
+
+def ctx(tmp_path: Path, chunk_size: int = 100, streaming: bool = True, data=None) -> StepContext:
+    inputs = {"up": data} if data is not None else {}
+    return StepContext(step=StepSpec("step", "data.x"), inputs=inputs, chunk_size=chunk_size,
+                       streaming=streaming, workdir=tmp_path)
+
+
+def sizes(ddf) -> list[int]:
+    return [int(n) for n in ddf.map_partitions(len).compute(scheduler="sync")]
+
+
+def run(effect: Effect):
+    """What the engine does with an Effect: compute every chunk's frame, then finish."""
+    frames = dask.compute(*effect.chunks.to_delayed(), scheduler="sync")
+    return effect.finish(pd.concat(frames, ignore_index=True))
+
+
+@pytest.fixture
+def csv(tmp_path) -> Path:
+    path = tmp_path / "records.csv"
+    records().to_csv(path, index=False)
+    return path
+
+
+def test_builtins_are_registered():
+    names = registered()
+    for name in ("data.extract", "data.validate", "data.load"):
+        assert names[name].kind == "step"
+    assert resolve("demo.clean_records").kind == "chunk"
+
+
+# -- extract ---------------------------------------------------------------------------------
+
+def test_extract_csv_partitions_stay_under_chunk_size(tmp_path, csv):
+    ddf = resolve("data.extract").func(ctx(tmp_path, 100), "records.csv")
+    counts = sizes(ddf)
+    assert sum(counts) == ROWS and max(counts) <= 100
+    assert 10 <= len(counts) <= 13  # about chunk_size: sized with a 10% margin
+    pd.testing.assert_frame_equal(ddf.compute().reset_index(drop=True), pd.read_csv(csv),
+                                  check_dtype=False)
+
+
+def test_extract_csv_chunk_close_to_file_size_still_splits(tmp_path, csv):
+    # dask makes size // blocksize blocks and spreads the rest: one 1000-row block here
+    # unless the block size is chosen to divide the file evenly
+    counts = sizes(resolve("data.extract").func(ctx(tmp_path, 700), csv))
+    assert sum(counts) == ROWS and max(counts) <= 700 and len(counts) == 2
+
+
+@pytest.mark.parametrize("name", ["records.parquet", "records.jsonl", "records.csv.gz",
+                                  "records.tsv", "records.ndjson.gz"])
+def test_extract_formats_bounded_and_complete(tmp_path, name):
+    df = records()
+    path = tmp_path / name
+    if ".parquet" in name:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, row_group_size=350)
+    elif ".tsv" in name:
+        df.to_csv(path, sep="\t", index=False)
+    elif "json" in name:
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_csv(path, index=False)
+    ddf = resolve("data.extract").func(ctx(tmp_path, 128), name)
+    counts = sizes(ddf)
+    assert sum(counts) == ROWS and max(counts) <= 128 and len(counts) <= 12
+    out = ddf.compute()
+    assert list(out["id"]) == list(range(1, ROWS + 1))
+    assert list(out.columns) == list(df.columns)
+
+
+def test_extract_parquet_dataset_folder_and_columns(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    df = records()
+    for i in range(3):
+        part = df.iloc[i * 400:(i + 1) * 400]
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False),
+                       folder / f"part-{i:05d}.parquet")
+    (folder / "_SUCCESS").touch()
+    ddf = resolve("data.extract").func(ctx(tmp_path, 150), "ds", columns=["id", "amount"])
+    assert list(ddf.columns) == ["id", "amount"]
+    assert sizes(ddf) == [133, 133, 134, 133, 133, 134, 100, 100]
+    assert list(ddf.compute()["id"]) == list(range(1, ROWS + 1))
+
+
+def test_extract_glob_reads_every_match(tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        records().assign(id=lambda d, i=i: d["id"] + i * ROWS).to_csv(
+            tmp_path / "in" / f"day{i}.csv", index=False)
+    ddf = resolve("data.extract").func(ctx(tmp_path, 250), "in/day*.csv")
+    counts = sizes(ddf)
+    assert sum(counts) == 2 * ROWS and max(counts) <= 250
+    assert sorted(ddf.compute()["id"]) == list(range(1, 2 * ROWS + 1))
+
+
+def test_extract_not_streaming_reads_all_then_cuts_exact_chunks(tmp_path, csv):
+    ddf = resolve("data.extract").func(ctx(tmp_path, 300, streaming=False), csv,
+                                       columns=["id", "amount"])
+    assert sizes(ddf) == [300, 300, 300, 100]
+    assert list(ddf.columns) == ["id", "amount"]
+
+
+def test_extract_missing_file_suggests_near_names(tmp_path, csv):
+    with pytest.raises(InputNotFound) as info:
+        resolve("data.extract").func(ctx(tmp_path), "recrods.csv")
+    err = info.value
+    assert "recrods.csv" in str(err) and "did you mean 'records.csv'?" in str(err)
+    assert err.details["near"] == ["records.csv"]
+    assert err.details["path"] == str(tmp_path / "recrods.csv")
+    assert isinstance(err, FileNotFoundError)
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) and again.details == err.details
+
+
+def test_extract_missing_folder_and_empty_glob(tmp_path):
+    (tmp_path / "data").mkdir()
+    records().to_csv(tmp_path / "data" / "records.csv", index=False)
+    with pytest.raises(InputNotFound) as info:
+        resolve("data.extract").func(ctx(tmp_path), "dta/records.csv")
+    assert info.value.details["near"] == ["data/records.csv"]
+    with pytest.raises(InputNotFound, match=r"nothing matches .*\*\.parquet"):
+        resolve("data.extract").func(ctx(tmp_path), "data/*.parquet")
+
+
+def test_extract_unknown_suffix_asks_for_format(tmp_path):
+    (tmp_path / "records.dat").write_text("id\n1\n")
+    with pytest.raises(StepError, match="add format"):
+        resolve("data.extract").func(ctx(tmp_path), "records.dat")
+    ddf = resolve("data.extract").func(ctx(tmp_path), "records.dat", format="csv")
+    assert list(ddf.compute()["id"]) == [1]
+
+
+# -- validate --------------------------------------------------------------------------------
+
+SCHEMA = {"id": {"dtype": "int64", "nullable": False}, "user": "string",
+          "amount": "float64", "note": {"dtype": "str", "nullable": True}}
+
+
+def validate(tmp_path, data, schema, chunk_size=100):
+    ddf = data if not isinstance(data, pd.DataFrame) else dd.from_pandas(
+        data, chunksize=chunk_size)
+    return resolve("data.validate").func(ctx(tmp_path, chunk_size, data=ddf), schema)
+
+
+def test_validate_passes_and_counts_records(tmp_path, csv):
+    ddf = resolve("data.extract").func(ctx(tmp_path, 100), csv)
+    effect = validate(tmp_path, ddf, SCHEMA)
+    assert effect.output is ddf and effect.passthrough
+    frames = pd.concat(dask.compute(*effect.chunks.to_delayed(), scheduler="sync"))
+    assert frames["records"].sum() == ROWS
+    assert effect.finish(frames) == {"records_in": ROWS, "records_out": ROWS}
+
+
+def test_validate_reports_missing_column_with_suggestion(tmp_path):
+    schema = {**SCHEMA, "amt": "float64", "optional": {"dtype": "int", "required": False}}
+    with pytest.raises(SchemaError) as info:
+        run(validate(tmp_path, records(), schema))
+    assert str(info.value) == "column 'amt' is missing (did you mean 'amount'?)"
+    [problem] = info.value.details["problems"]
+    assert problem["column"] == "amt" and problem["kind"] == "missing"
+    assert info.value.details["records"] == ROWS
+
+
+def test_validate_reports_unparseable_strings_with_counts_and_examples(tmp_path):
+    df = records().astype({"amount": "str"})
+    df.loc[[5, 50, 500], "amount"] = ["oops", "—", "12,5"]
+    path = tmp_path / "bad.csv"
+    df.to_csv(path, index=False)
+    ddf = resolve("data.extract").func(ctx(tmp_path, 100), path)
+    with pytest.raises(SchemaError) as info:
+        run(validate(tmp_path, ddf, SCHEMA))
+    message = str(info.value)
+    assert message.startswith("column 'amount': expected float64, found ")
+    assert "3 of 1,000 rows don't parse (e.g. 'oops', '—', '12,5')" in message
+    [problem] = info.value.details["problems"]
+    assert problem["kind"] == "dtype" and problem["count"] == 3
+    assert problem["examples"] == ["oops", "—", "12,5"]
+    assert problem["chunks"][0] == 0 and len(problem["chunks"]) == 2  # rows 5 and 50 share one
+
+
+def test_validate_int_column_read_as_float_counts_the_gaps(tmp_path):
+    df = records().astype({"id": "float64"})
+    df.loc[[3, 4, 999], "id"] = [np.nan, 2.5, np.nan]
+    with pytest.raises(SchemaError) as info:
+        run(validate(tmp_path, df, {"id": "int64"}))
+    assert ("column 'id': expected int64, found float64 — 3 of 1,000 rows are empty or not "
+            "whole numbers (e.g. empty, 2.5)") == str(info.value)
+
+
+def test_validate_nulls_where_not_nullable_and_several_problems(tmp_path):
+    df = records()
+    df.loc[[10, 20], "id"] = None  # id becomes float64 with NaN: a dtype and a nulls problem
+    df["user"] = np.arange(ROWS)
+    with pytest.raises(SchemaError) as info:
+        run(validate(tmp_path, df, SCHEMA))
+    problems = info.value.details["problems"]
+    assert [(p["column"], p["kind"], p["count"]) for p in problems] == [
+        ("id", "dtype", 2), ("id", "nulls", 2), ("user", "dtype", ROWS)]
+    lines = str(info.value).splitlines()
+    assert lines[0] == "3 schema problems:"
+    assert "column 'id': 2 of 1,000 rows are empty, but it is not nullable" in lines[2]
+    assert "column 'user': expected string, found int64" in lines[3]
+
+
+def test_validate_rejects_unknown_dtype_before_running(tmp_path):
+    with pytest.raises(StepError, match="column 'id' has dtype 'integer'"):
+        validate(tmp_path, records(), {"id": "integer"})
+
+
+# -- load ------------------------------------------------------------------------------------
+
+def source(chunk_size=100):
+    return dd.from_pandas(records(), chunksize=chunk_size)
+
+
+def test_load_parquet_writes_one_part_per_chunk(tmp_path):
+    result = run(resolve("data.load").func(ctx(tmp_path, data=source()), "out/records.parquet"))
+    dest = tmp_path / "out" / "records.parquet"
+    parts = sorted(p.name for p in dest.iterdir())
+    assert parts == [f"part-{i:05d}.parquet" for i in range(10)]
+    assert result["records_out"] == ROWS and result["path"] == str(dest)
+    assert result["bytes"] == sum(p.stat().st_size for p in dest.iterdir())
+    pd.testing.assert_frame_equal(pd.read_parquet(dest), records(), check_dtype=False)
+
+
+def test_parquet_sink_writes_empty_chunks_with_their_schema(tmp_path):
+    ddf = source().map_partitions(lambda df: df[df["id"] <= 150])
+    result = run(parquet_sink(ddf, tmp_path / "ck"))
+    assert result["parts"] == 10 and result["records_out"] == 150
+    empty = pq.read_table(tmp_path / "ck" / "part-00009.parquet")
+    assert empty.num_rows == 0 and empty.column_names == list(records().columns)
+    assert len(pd.read_parquet(tmp_path / "ck")) == 150
+
+
+def test_load_csv_concatenates_parts_with_one_header(tmp_path):
+    effect = resolve("data.load").func(ctx(tmp_path, data=source()), "out.csv")
+    assert effect.output is None
+    result = run(effect)
+    text = (tmp_path / "out.csv").read_text()
+    assert text.count('"id"') == 1
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out.csv"), records())
+    assert result["records_out"] == ROWS and result["bytes"] == len(text.encode())
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def failing_source():
+    def explode(df, partition_info=None):
+        if partition_info and partition_info["number"] == 6:
+            raise RuntimeError("disk full")
+        return df
+    return source().map_partitions(explode)
+
+
+@pytest.mark.parametrize("name", ["out.parquet", "out.csv"])
+def test_load_failure_leaves_old_output_and_abort_removes_parts(tmp_path, name):
+    load = resolve("data.load").func
+    run(load(ctx(tmp_path, data=source().head(5, npartitions=1, compute=False)), name))
+    before = snapshot(tmp_path / name)
+    effect = load(ctx(tmp_path, data=failing_source()), name)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(effect)
+    assert list(tmp_path.glob(f"{name}.tmp-*"))  # parts of the failed run, not yet removed
+    effect.abort()
+    effect.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    assert snapshot(tmp_path / name) == before
+
+
+def test_load_replaces_existing_dataset_and_finish_is_idempotent(tmp_path):
+    load = resolve("data.load").func
+    run(load(ctx(tmp_path, data=source(500)), "out"))
+    effect = load(ctx(tmp_path, data=source(250)), "out")
+    frames = pd.concat(dask.compute(*effect.chunks.to_delayed(), scheduler="sync"))
+    first = effect.finish(frames)
+    assert effect.finish(frames) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert len(list((tmp_path / "out").iterdir())) == 4
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out"), records(), check_dtype=False)
+
+
+def test_commit_failing_mid_swap_puts_the_old_dataset_back(tmp_path, monkeypatch):
+    load = resolve("data.load").func
+    run(load(ctx(tmp_path, data=source(500)), "out"))
+    old = sorted(p.name for p in (tmp_path / "out").iterdir())
+    effect = load(ctx(tmp_path, data=source(250)), "out")
+    frames = pd.concat(dask.compute(*effect.chunks.to_delayed(), scheduler="sync"))
+    rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("device busy")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="device busy"):
+        effect.finish(frames)
+    monkeypatch.undo()
+    effect.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == old == ["part-00000.parquet",
+                                                                         "part-00001.parquet"]
+
+
+def test_load_refuses_to_overwrite_when_told(tmp_path):
+    (tmp_path / "out.csv").write_text("keep\n")
+    with pytest.raises(StepError, match="overwrite is false"):
+        resolve("data.load").func(ctx(tmp_path, data=source()), "out.csv", overwrite=False)
+    assert (tmp_path / "out.csv").read_text() == "keep\n"
+
+
+def test_cleanup_temp_restores_a_backup_left_between_renames(tmp_path):
+    dest = tmp_path / "out.parquet"
+    (tmp_path / "out.parquet.old-abc").mkdir()
+    (tmp_path / "out.parquet.old-abc" / "part-00000.parquet").write_text("old")
+    (tmp_path / "out.parquet.tmp-def").mkdir()
+    removed = cleanup_temp(dest)
+    assert removed == [tmp_path / "out.parquet.tmp-def"]
+    assert (dest / "part-00000.parquet").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
