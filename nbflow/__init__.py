@@ -21,3 +21,8 @@ __all__ = [
     "SchemaError", "SpecError", "Status", "StepContext", "StepError", "WorkflowFailed",
     "WorkflowSpec", "action", "load", "open_run", "parse", "run",
 ]
+
+
+def load_ipython_extension(ip):  # %load_ext nbflow
+    from nbflow.magics import load
+    load(ip)

@@ -1,0 +1,150 @@
+"""The static summary: what a saved or papermill-run notebook shows without a kernel.
+
+HTML (a step table, the memory plot as an embedded PNG, the root cause) and the
+same as plain text; built from the run's records only, every string escaped.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import time
+from typing import Any
+
+from nbflow.state import RunState, Status
+from nbflow.ui.log import duration
+from nbflow.units import format_size
+
+STATUS_COLOURS = {
+    Status.PENDING: "#9e9e9e", Status.RUNNING: "#1e88e5", Status.COMPLETED: "#2e7d32",
+    Status.FAILED: "#c62828", Status.CANCELLED: "#6d4c41", Status.SKIPPED: "#757575",
+    Status.REUSED: "#00897b",
+}
+ICONS = {Status.PENDING: "○", Status.RUNNING: "▶", Status.COMPLETED: "✓", Status.FAILED: "✗",
+         Status.CANCELLED: "■", Status.SKIPPED: "⊘", Status.REUSED: "♻"}
+RUN_COLOURS = {"completed": "#2e7d32", "failed": "#c62828", "cancelled": "#6d4c41",
+               "running": "#1e88e5", "pending": "#9e9e9e"}
+
+CSS = """<style>
+.nbflow-report {font-family: var(--jp-ui-font-family, sans-serif); font-size: 13px; max-width: 980px}
+.nbflow-report table {border-collapse: collapse; margin: 6px 0}
+.nbflow-report th, .nbflow-report td {padding: 3px 10px; text-align: left; border-bottom: 1px solid #e0e0e0}
+.nbflow-report th {font-weight: 600}
+.nbflow-report td.num {text-align: right; font-variant-numeric: tabular-nums}
+.nbflow-report .nbflow-why {color: #555}
+.nbflow-report img {max-width: 100%}
+</style>"""
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def header_html(state: RunState, budget: int | None = None) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.started)) if state.started else "-"
+    elapsed = duration((state.ended or time.time()) - state.started) if state.started else "-"
+    colour = RUN_COLOURS.get(state.status, "#333")
+    budget = budget or state.default_budget
+    parts = [f"<b>{esc(state.workflow)}</b>",
+             f"<span style='color:{colour};font-weight:600'>{esc(state.status.upper())}</span>",
+             f"run <code>{esc(state.run_id)}</code>", f"attempt {state.attempt}",
+             f"started {esc(started)}", f"elapsed {esc(elapsed)}"]
+    if budget:
+        parts.append(f"default budget {esc(format_size(budget))} per step")
+    return " · ".join(parts)
+
+
+def step_cells(rec) -> dict[str, str]:
+    """The figures of one step, as text, shared by the table and the widget rows."""
+    peak = (rec.info or {}).get("memory", {}).get("peak_above_baseline")
+    if peak is None and rec.error:
+        peak = (rec.error.get("details") or {}).get("memory", {}).get("peak_above_baseline")
+    memory = format_size(peak) if peak is not None else "-"
+    if rec.max_memory:
+        memory += f" / {format_size(rec.max_memory)}"
+    if rec.records_out is not None:
+        records = f"{rec.records_out:,}"
+    elif rec.records_done:
+        records = f"{rec.records_done:,}…"
+    else:
+        records = "-"
+    chunks = f"{rec.chunks_done}/{rec.chunks_total}" if rec.chunks_total else "-"
+    took = duration(rec.duration) if rec.duration is not None else (
+        duration(time.time() - rec.started) if rec.status is Status.RUNNING and rec.started else "-")
+    note = ""
+    if rec.status is Status.FAILED and rec.error:
+        note = f"{rec.error.get('error_type')}: {_first_line(rec.error.get('message', ''))}"
+    elif rec.status is Status.SKIPPED:
+        note = rec.skipped_reason or ""
+    elif rec.status is Status.REUSED:
+        note = "saved output reused"
+    return {"status": f"{ICONS[rec.status]} {rec.status.value}", "records": records, "chunks": chunks,
+            "time": took, "memory": memory, "note": note}
+
+
+def steps_table_html(state: RunState) -> str:
+    rows = []
+    for name, rec in state.steps.items():
+        cells = step_cells(rec)
+        colour = STATUS_COLOURS[rec.status]
+        rows.append(
+            f"<tr class='nbflow-row-{esc(rec.status.value)}'>"
+            f"<td style='color:{colour};font-weight:600'>{esc(cells['status'])}</td>"
+            f"<td><b>{esc(name)}</b></td><td class='num'>{esc(cells['records'])}</td>"
+            f"<td class='num'>{esc(cells['chunks'])}</td><td class='num'>{esc(cells['time'])}</td>"
+            f"<td class='num'>{esc(cells['memory'])}</td><td class='nbflow-why'>{esc(cells['note'])}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in
+                   ("status", "step", "records", "chunks", "time", "peak / budget", ""))
+    return f"<table class='nbflow-steps'><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def png_html(png: bytes | None, alt: str = "memory over time") -> str:
+    if not png:
+        return ""
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img class='nbflow-plot' alt='{esc(alt)}' src='data:image/png;base64,{data}'/>"
+
+
+def root_cause_html(state: RunState) -> str:
+    step = state.root_failure
+    if step is None:
+        return ""
+    rec = state.steps[step]
+    root = getattr(rec, "root_cause", None)
+    if root:
+        try:
+            from nbflow.diagnose import RootCause, render_html
+
+            return render_html(RootCause.from_dict(root))
+        except Exception as err:  # noqa: BLE001 — a broken renderer must not hide the failure
+            return f"<pre>{esc(root)}</pre><p>(could not render the diagnosis: {esc(err)})</p>"
+    error = rec.error or {}
+    where = f" at <code>{esc(error.get('location'))}</code>" if error.get("location") else ""
+    source = f"<pre>{esc(error.get('source_line'))}</pre>" if error.get("source_line") else ""
+    return (f"<div class='nbflow-rootcause'><b>{esc(step)} failed</b>{where}: "
+            f"{esc(error.get('error_type'))}: {esc(error.get('message'))}{source}</div>")
+
+
+def summary_html(state: RunState, png: bytes | None = None) -> str:
+    return (f"{CSS}<div class='nbflow-report'><div>{header_html(state)}</div>"
+            f"{steps_table_html(state)}{png_html(png)}{root_cause_html(state)}</div>")
+
+
+def run_png(run) -> bytes | None:
+    """The memory plot of a run as PNG bytes (None when it cannot be drawn)."""
+    try:
+        from nbflow.ui.plots import figure_png, memory_figure
+
+        events = list(run.run_dir.read_events())
+        return figure_png(memory_figure(run.state, run.run_dir.read_memory(), events))
+    except Exception:  # noqa: BLE001 — the table and the diagnosis still show
+        return None
+
+
+def summary_bundle(run) -> dict[str, str]:
+    """A mimebundle of the run's static summary: HTML for notebooks, text for terminals."""
+    return {"text/html": summary_html(run.state, run_png(run)), "text/plain": run.summary()}
+
+
+def _first_line(text: str) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""
