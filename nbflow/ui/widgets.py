@@ -24,8 +24,8 @@ PLOT_INTERVAL = 0.5
 class StepRow:
     def __init__(self, name: str):
         self.name = name
-        self.status = w.HTML(layout=w.Layout(width="110px"))
-        self.label = w.HTML(f"<b>{report.esc(name)}</b>", layout=w.Layout(width="170px"))
+        self.status = w.HTML(layout=w.Layout(width="115px"))
+        self.label = w.HTML(f"<b>{report.esc(name)}</b>", layout=w.Layout(width="190px"))
         self.progress = w.FloatProgress(value=0, min=0, max=1, layout=w.Layout(width="160px"))
         self.figures = w.HTML(layout=w.Layout(width="auto"))
         self.box = w.HBox([self.status, self.label, self.progress, self.figures])
@@ -46,7 +46,8 @@ class StepRow:
                                    Status.FAILED: "danger", Status.CANCELLED: "warning"}.get(rec.status, "")
         bits = [f"{cells['records']} records", f"{cells['chunks']} chunks", cells["time"],
                 f"peak {cells['memory']}"]
-        note = f" <span style='color:#666'>— {report.esc(cells['note'])}</span>" if cells["note"] else ""
+        text = cells["note"] if len(cells["note"]) <= 90 else cells["note"][:89] + "…"
+        note = f" <span style='color:#666'>— {report.esc(text)}</span>" if text else ""
         self.figures.value = " · ".join(report.esc(b) for b in bits) + note
         new_class = f"nbflow-step-{rec.status.value}"
         if new_class != self._status_class:
@@ -82,14 +83,16 @@ class Dashboard:
         self.message = w.HTML()
         self.message.add_class("nbflow-message")
 
-        self.rerun_button = w.Button(description="Rerun failed steps", icon="redo", button_style="primary")
+        auto = w.Layout(width="auto")
+        self.rerun_button = w.Button(description="Rerun failed steps", icon="redo", button_style="primary",
+                                     layout=auto)
         self.rerun_button.add_class("nbflow-rerun")
         self.rerun_button.on_click(self._on_rerun)
         self.from_step = w.Dropdown(options=list(run.state.steps), layout=w.Layout(width="180px"))
-        self.from_button = w.Button(description="Rerun from step…", icon="step-forward")
+        self.from_button = w.Button(description="Rerun from step…", icon="step-forward", layout=auto)
         self.from_button.add_class("nbflow-rerun-from")
         self.from_button.on_click(self._on_rerun_from)
-        self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning")
+        self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning", layout=auto)
         self.cancel_button.add_class("nbflow-cancel")
         self.cancel_button.on_click(self._on_cancel)
         self.fix_buttons: list[w.Button] = []
@@ -147,8 +150,9 @@ class Dashboard:
         self.header.value = report.header_html(self.run.state)
 
     def _update_controls(self) -> None:
-        busy = self.run.running or (self._worker is not None and self._worker.is_alive())
         state = self.run.state
+        busy = state.status == "running" or (
+            self._worker is not None and self._worker.is_alive() and self._worker is not threading.current_thread())
         failed = any(rec.status in (Status.FAILED, Status.CANCELLED, Status.SKIPPED)
                      for rec in state.steps.values())
         self.rerun_button.disabled = busy or not failed
@@ -170,7 +174,7 @@ class Dashboard:
 
     def _update_root_cause(self) -> None:
         state = self.run.state
-        if state.root_failure is None or self.run.running:
+        if state.root_failure is None or state.status == "running":
             self.root_cause.value = ""
             self.fixes_box.children = ()
             self.fix_buttons = []
