@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-p", "--param", dest="params", action="append", type=parse_param, default=[],
                        metavar="KEY=VALUE", help="set a workflow parameter (repeatable)")
 
-    p = sub.add_parser("run", help="run a workflow file")
-    p.add_argument("workflow", help="workflow YAML file")
+    p = sub.add_parser("run", help="run a workflow file, or a notebook with papermill")
+    p.add_argument("workflow", nargs="?", help="workflow YAML file")
     with_params(p)
     p.add_argument("--scheduler", default=None,
                    help="'threads' (default), 'distributed' for a LocalCluster, or a scheduler address")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--notebook", metavar="NB.ipynb",
+                   help="run this notebook with papermill instead; -p sets its parameters")
+    p.add_argument("-o", "--output", metavar="OUT.ipynb",
+                   help="(--notebook) the executed notebook (default: NB-output.ipynb here)")
+    p.add_argument("-k", "--kernel", default=None, help="(--notebook) kernel name (default: the notebook's)")
 
     p = sub.add_parser("rerun", help="rerun a past run: failed steps and what depends on them")
     p.add_argument("run_id", nargs="?", default="latest", help="run id, a unique part of it, or 'latest'")
@@ -103,6 +109,11 @@ def _exit_for(handle) -> int:
 
 
 def cmd_run(args) -> int:
+    if bool(args.workflow) == bool(args.notebook):
+        print("nbflow run: give a workflow file or --notebook NB.ipynb (one of them)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.notebook:
+        return run_notebook(args)
     from nbflow.handle import run
 
     handle = run(Path(args.workflow), parameters=_params(args.params), store=args.store,
@@ -110,6 +121,47 @@ def cmd_run(args) -> int:
     print()
     print(handle.summary())
     return _exit_for(handle)
+
+
+def run_notebook(args) -> int:
+    """``nbflow run --notebook``: papermill, with the kernel's text log streamed to this terminal.
+
+    Exit 1 when a cell raised (a failed ``%%workflow`` raises WorkflowFailed) or the
+    kernel died; the output notebook then holds the log, the summary and the root cause.
+    """
+    notebook, output = Path(args.notebook), args.output or f"{Path(args.notebook).stem}-output.ipynb"
+    if not notebook.is_file():
+        print(f"nbflow run: no notebook at {notebook}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        import papermill
+        from jupyter_client.kernelspec import NoSuchKernel
+        from nbclient.exceptions import DeadKernelError
+        from papermill.exceptions import PapermillException, PapermillExecutionError
+    except ImportError as err:
+        print(f"nbflow run --notebook needs papermill ({err}): pip install papermill, "
+              "or nbflow's 'test' extra (pip install -e \".[test]\")", file=sys.stderr)
+        return EXIT_USAGE
+    if args.store:  # the kernel inherits this process's environment
+        os.environ["NBFLOW_HOME"] = str(Path(args.store).resolve())
+    # nothing renders widgets here; the kernel would tell so by itself, this makes it certain
+    os.environ.setdefault("NBFLOW_WIDGETS", "0")
+    try:
+        papermill.execute_notebook(str(notebook), str(output), parameters=_params(args.params),
+                                   kernel_name=args.kernel, progress_bar=False,
+                                   stdout_file=sys.stdout, stderr_file=sys.stderr)
+    except PapermillExecutionError as err:
+        print(f"\nnbflow run: {notebook} failed in cell [{err.exec_count}]: {err.ename}: {err.evalue}\n"
+              f"the output notebook {output} shows the log and the cause", file=sys.stderr)
+        return EXIT_FAILED
+    except DeadKernelError as err:
+        print(f"\nnbflow run: the kernel died running {notebook} ({err}); see {output}", file=sys.stderr)
+        return EXIT_FAILED
+    except (NoSuchKernel, PapermillException, ValueError) as err:  # ValueError: not a notebook
+        print(f"nbflow run: cannot run {notebook}: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"\nnbflow run: {notebook} completed; output notebook {output}")
+    return EXIT_OK
 
 
 def cmd_rerun(args) -> int:

@@ -198,10 +198,6 @@ OOM = PIPELINE.replace("""    action: data.transform_streaming
     needs: [validate-schema]
     params: {streaming: false, max_memory: 512MB}""").replace("version: 1.1.0", "version: 1.0.0")
 
-#: the fix: the same function, 10,000 records at a time, within the same budget
-OOM_FIXED = OOM.replace("params: {streaming: false, max_memory: 512MB}",
-                        "params: {streaming: true, chunk_size: 10000, max_memory: 512MB}")
-
 
 def ensure_records(folder: Path, rows: int, seed: int = 0) -> Path:
     """The demo's input file, generated once per (rows, seed)."""
@@ -230,10 +226,10 @@ def run_demo(rows: int = 1_000_000, folder: Path = Path("nbflow-demo"), scenario
     print(handle.summary())
     if scenario == "pipeline" or handle.status != "failed":
         return 0 if handle.status == "completed" else 1
-    print("\nThe transform loads every record into memory at once. Fix: the same function, chunk by chunk:")
-    print("    params: {streaming: true, chunk_size: 10000, max_memory: 512MB}\n")
-    (folder / "workflow-fixed.yaml").write_text(OOM_FIXED)
-    handle.rerun(OOM_FIXED)
+    fixed = handle.apply_fix(0)  # the diagnosis' top fix, computed from what the failure measured
+    (folder / "workflow-fixed.yaml").write_text(fixed.text)
+    print(f"\nApplying fix 1 ({folder / 'workflow-fixed.yaml'}) and rerunning:\n")
+    handle.rerun(fixed)
     print()
     print(handle.summary())
     return 0 if handle.status == "completed" else 1

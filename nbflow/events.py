@@ -128,6 +128,15 @@ class StepFailed(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class StepDiagnosed(Event):
+    """The diagnosis of a failed (or interrupted) step: ``RootCause.to_dict()``."""
+
+    kind: ClassVar[str] = "step_diagnosed"
+    step: str
+    root_cause: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
 class StepSkipped(Event):
     kind: ClassVar[str] = "step_skipped"
     step: str

@@ -6,12 +6,13 @@ test (or a button) calls them the same way.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from nbflow import events as ev
 from nbflow.errors import WorkflowFailed
@@ -21,6 +22,10 @@ from nbflow.state import RunState, Status, StepRecord
 from nbflow.store import RunDir, RunStore
 
 Observer = Callable[[ev.Event], None]
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from nbflow.diagnose import Fix, RootCause
 
 
 class Outputs(Mapping):
@@ -65,6 +70,8 @@ class Run:
         self.memory_interval = 0.1
         #: the default per-step budget, as a fraction of the memory available to the process
         self.budget_fraction = 0.5
+        #: a memory failure's diagnosis runs the step's function on a small sample to measure it
+        self.probe_memory = True
 
     # -- what views read --------------------------------------------------
     @property
@@ -91,11 +98,36 @@ class Run:
     def failed_step(self) -> str | None:
         return self.state.root_failure
 
+    @property
+    def root_cause(self) -> RootCause | None:
+        """The diagnosis of the step that failed first (or of the interruption); None if it completed."""
+        from nbflow.diagnose import RootCause, diagnose_step
+
+        step = self.state.root_failure or next(
+            (n for n, rec in self.state.steps.items()
+             if rec.status is Status.CANCELLED and rec.root_cause), None)
+        if step is None:
+            return None
+        rec = self.state.steps[step]
+        if rec.root_cause:
+            return RootCause.from_dict(rec.root_cause)
+        if self._running:
+            return None  # being diagnosed: StepDiagnosed follows the failure
+        return diagnose_step(self, step, probe=False)  # a run recorded before diagnoses existed
+
+    @property
+    def fixes(self) -> list[Fix]:
+        """The root cause's resolution options, most likely to work first."""
+        root = self.root_cause
+        return list(root.resolution_options) if root is not None else []
+
     # -- events -------------------------------------------------------------
     def subscribe(self, observer: Observer) -> None:
         self.observers.append(observer)
 
     def emit(self, event: ev.Event) -> None:
+        if isinstance(event, ev.RunFinished) and event.status == "cancelled":
+            self._diagnose(None)  # before the run's last event, so the log reads in order
         with self._lock:
             self.state.apply(event)
             self.run_dir.append_event(event)
@@ -104,6 +136,30 @@ class Run:
             observers = list(self.observers)
         for observer in observers:
             observer(event)
+        if isinstance(event, ev.StepFailed) and not event.will_retry:
+            self._diagnose(event.step)
+
+    def _diagnose(self, step: str | None) -> None:
+        """Emit StepDiagnosed for a failed step (or, with None, for an interrupted run).
+
+        A bug in the diagnosis must never break the run: it is logged, and the
+        failure is reported as recorded.
+        """
+        from nbflow import diagnose
+
+        try:
+            if step is None:
+                root = diagnose.diagnose_interrupted(self.state, self.spec)
+                if root is None:
+                    return
+            else:
+                root = diagnose.diagnose_step(self, step, probe=self.probe_memory)
+        except Exception as err:  # noqa: BLE001
+            log.exception("diagnosing %s failed", step or "the interruption")
+            if step is None:
+                return
+            root = diagnose.minimal(self.state, step, note=f"the diagnosis itself failed: {err!r}")
+        self.emit(ev.StepDiagnosed(run_id=self.run_id, step=root.step, root_cause=root.to_dict()))
 
     def _on_sample(self, sample) -> None:
         self.emit(ev.MemorySampled(run_id=self.run_id, time=sample.time, rss=sample.rss,
@@ -117,8 +173,13 @@ class Run:
         })
 
     # -- doing --------------------------------------------------------------
-    def execute(self, *, force: set[str] | frozenset = frozenset(), raise_on_failure: bool = False) -> Run:
-        """Run (or rerun) the workflow, reusing every output whose cache key still matches."""
+    def execute(self, *, force: set[str] | frozenset = frozenset(), raise_on_failure: bool = False,
+                previous: RunState | None = None) -> Run:
+        """Run (or rerun) the workflow, reusing every output whose cache key still matches.
+
+        ``previous`` offers another run's records for reuse (a new ``%%workflow``
+        run picks up where the last run of the same workflow left off).
+        """
         # Dask loads here, not at import: `nbflow runs` and `show` stay quick
         from nbflow.engine.backends import make_backend
         from nbflow.engine.executor import Executor
@@ -126,7 +187,8 @@ class Run:
 
         if self._running:
             raise RuntimeError(f"run {self.run_id} is already running")
-        previous = self.state if self.state.attempt else None
+        if previous is None and self.state.attempt:
+            previous = self.state
         plan = make_plan(self.spec, namespace=self.namespace, previous=previous, force=set(force),
                          workdir=self.workdir)
         self.plan = plan
@@ -162,6 +224,15 @@ class Run:
             if backend is not self.backend:
                 backend.close()
             self.run_dir.close()
+            try:  # memory.png beside the records (~0.1 s); a figure never fails a run
+                from nbflow.ui.plots import save_memory_plot
+
+                save_memory_plot(self)
+            except Exception as err:  # noqa: BLE001
+                import warnings
+
+                warnings.warn(f"run {self.run_id}: memory plot not saved: {err}", RuntimeWarning,
+                              stacklevel=2)
         if raise_on_failure and status == "failed":
             self.raise_for_status()
         return self
@@ -194,6 +265,24 @@ class Run:
         """Stop starting new chunks; steps in flight are marked cancelled. Safe from any thread."""
         self._cancel.set()
 
+    def apply_fix(self, i: int = 0) -> WorkflowSpec:
+        """The workflow with resolution option ``i`` applied; ``run.rerun(spec)`` runs it.
+
+        The corrected text changes only what the fix changes, so every step it
+        does not touch keeps its cache key and its checkpoint is reused.
+        """
+        fixes = self.fixes
+        if not fixes:
+            raise ValueError(f"run {self.run_id} has no fixes to apply: no step failed")
+        if not 0 <= i < len(fixes):
+            raise IndexError(f"fix {i} does not exist: this run has {len(fixes)} (0 to {len(fixes) - 1})")
+        fix = fixes[i]
+        if fix.workflow is None:
+            raise ValueError(f"fix {i} changes your code, not the workflow: {fix.title} — "
+                             f"{fix.snippet}; change it, then run.rerun()")
+        return parse(fix.workflow, filename=self.spec.filename,
+                     overrides={**self.overrides, **fix.overrides}, namespace=self.namespace)
+
     def raise_for_status(self) -> None:
         if self.status == "failed":
             step = self.failed_step
@@ -212,6 +301,23 @@ class Run:
     def __repr__(self) -> str:
         return f"<Run {self.run_id} {self.spec.name}: {self.status}>"
 
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        from nbflow.ui.report import summary_bundle
+
+        if getattr(self, "_shown", False):
+            self._shown = False  # the %%workflow cell already shows this run: don't repeat it
+            return
+        view = getattr(self, "_view", None)
+        static = summary_bundle(self)
+        if view is not None and view.dashboard is not None:
+            from nbflow.ui.widgets import mimebundle
+
+            view.dashboard.refresh(plot=True)
+            static = mimebundle(view.dashboard, static)
+        display(static, raw=True)
+
     def _repr_pretty_(self, printer, cycle) -> None:
         printer.text(repr(self) if cycle else self.summary())
 
@@ -221,6 +327,16 @@ def run(workflow: WorkflowSpec | str | os.PathLike, *, parameters: Mapping[str, 
         backend=None, log: bool | Observer = True, workdir: str | os.PathLike | None = None,
         raise_on_failure: bool = False, observers: list[Observer] | None = None) -> Run:
     """Run a workflow: a WorkflowSpec, YAML text, or the path of a YAML file."""
+    handle = prepare(workflow, parameters=parameters, namespace=namespace, store=store,
+                     backend=backend, log=log, workdir=workdir, observers=observers)
+    return handle.execute(raise_on_failure=raise_on_failure)
+
+
+def prepare(workflow: WorkflowSpec | str | os.PathLike, *, parameters: Mapping[str, Any] | None = None,
+            namespace: Mapping[str, Any] | None = None, store: str | os.PathLike | None = None,
+            backend=None, log: bool | Observer = True, workdir: str | os.PathLike | None = None,
+            observers: list[Observer] | None = None) -> Run:
+    """A new run, validated and recorded but not started: attach views, then ``execute()``."""
     from nbflow.actions.registry import check
 
     if isinstance(workflow, WorkflowSpec):
@@ -237,7 +353,20 @@ def run(workflow: WorkflowSpec | str | os.PathLike, *, parameters: Mapping[str, 
     handle = Run(spec, run_dir, state, overrides=parameters, namespace=namespace, backend=backend,
                  workdir=workdir, observers=list(observers or []))
     _attach_log(handle, log)
-    return handle.execute(raise_on_failure=raise_on_failure)
+    return handle
+
+
+def latest_state(workflow: str, *, store: str | os.PathLike | None = None,
+                 exclude: str | None = None) -> RunState | None:
+    """The records of the most recent run of ``workflow`` in the store, if any."""
+    runs = RunStore(store)
+    for summary in reversed(runs.summaries()):
+        if summary["workflow"] == workflow and summary["run_id"] != exclude:
+            try:
+                return RunState.from_dict(runs.open(summary["run_id"]).read_run())
+            except (OSError, ValueError, KeyError):
+                continue
+    return None
 
 
 def _attach_log(handle: Run, log: bool | Observer) -> None:

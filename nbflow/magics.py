@@ -84,16 +84,24 @@ class LiveView:
 
     def finish(self) -> None:
         """Show the final state: the live display becomes dashboard + static summary."""
-        from nbflow.ui.report import summary_bundle
-
-        static = summary_bundle(self.run)
         if self.dashboard is not None:
+            from nbflow.ui.report import summary_bundle
+
+            static = summary_bundle(self.run)
             from nbflow.ui.widgets import mimebundle
 
             self.dashboard.refresh(plot=True)
             update_display(mimebundle(self.dashboard, static), raw=True, display_id=self.display_id)
         else:
-            display(static, raw=True)
+            # headless: the table and the diagnosis as HTML, the plot as an image/png output of
+            # its own (viewers that strip data: images from HTML still show it)
+            from nbflow.ui.report import plot_bundle, run_png, summary_bundle
+
+            png = run_png(self.run)
+            display(summary_bundle(self.run, png=False), raw=True)
+            image = plot_bundle(png)
+            if image is not None:
+                display(image, raw=True)
 
 
 @magics_class
@@ -178,10 +186,12 @@ class WorkflowMagics(Magics):
             go()
         finally:
             view.finish()
-            run._shown = True
         should_raise = (not widgets) if raise_ is None else raise_
         if run.status == "failed" and should_raise:
             run.raise_for_status()
+        # only a returned run is the cell's result: mark it so it isn't shown twice (set before a
+        # raise, the flag would swallow the next display of the run, e.g. `workflow_run.rerun()`)
+        run._shown = True
         return run
 
     def _line(self, args, params: dict):

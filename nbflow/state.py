@@ -67,6 +67,7 @@ class StepRecord:
     skipped_reason: str | None = None
     because_of: str | None = None
     info: dict = field(default_factory=dict)
+    root_cause: dict | None = None  # RootCause.to_dict() of a failed or interrupted step
 
     @property
     def duration(self) -> float | None:
@@ -133,7 +134,7 @@ class RunState:
                       attempt=event.attempt, chunk_size=event.chunk_size,
                       max_memory=event.max_memory, streaming=event.streaming,
                       records_in=event.records_in, records_done=0, chunks_done=0,
-                      error=None)
+                      error=None, root_cause=None)
         elif isinstance(event, ev.StepPlanned):
             changes = {"chunks_total": event.chunks_total}
             if event.chunk_size:
@@ -160,6 +161,10 @@ class RunState:
             else:
                 self._set(event.step, status=Status.FAILED, ended=event.time, error=error,
                           records_done=event.records_done)
+        elif isinstance(event, ev.StepDiagnosed):
+            # a diagnosis changes no status: it explains one
+            record = self.steps.get(event.step) or StepRecord(event.step)
+            self.steps[event.step] = dataclasses.replace(record, root_cause=dict(event.root_cause))
         elif isinstance(event, ev.StepSkipped):
             self._set(event.step, status=Status.SKIPPED, skipped_reason=event.reason,
                       because_of=event.because_of)

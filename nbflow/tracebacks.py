@@ -28,7 +28,9 @@ class Frame:
 
     @property
     def where(self) -> str:
-        return f"{cell_name(self.filename) or self.filename}:{self.line}"
+        """``path:line``, or ``Cell In[5], line 12`` for code typed in a notebook cell."""
+        cell = cell_name(self.filename)
+        return f"{cell}, line {self.line}" if cell else f"{self.filename}:{self.line}"
 
 
 def is_user_file(filename: str) -> bool:

@@ -357,3 +357,55 @@ def test_cleanup_temp_restores_a_backup_left_between_renames(tmp_path):
     assert removed == [tmp_path / "out.parquet.tmp-def"]
     assert (dest / "part-00000.parquet").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
+
+
+# -- load from a checkpoint: parts copied, not re-encoded --------------------------------------
+
+def checkpoint(tmp_path: Path, chunk_size: int = 250):
+    """A committed checkpoint of records(), opened the way the executor opens a step's input."""
+    from nbflow.engine.chunks import open_checkpoint
+    from nbflow.store import CHECKPOINT_META, write_json_atomic
+
+    folder = tmp_path / "checkpoint"
+    run(parquet_sink(source(chunk_size), folder))
+    write_json_atomic(folder / CHECKPOINT_META, {"step": "up", "key": "k"})
+    return folder, open_checkpoint(str(folder), "up")
+
+
+def test_load_copies_the_parts_of_an_unchanged_checkpoint(tmp_path):
+    folder, ddf = checkpoint(tmp_path)
+    result = run(resolve("data.load").func(ctx(tmp_path, data=ddf), "out"))
+    parts = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert [p.read_bytes() for p in parts] == [(folder / p.name).read_bytes() for p in parts]
+    assert result["records_out"] == ROWS and result["bytes"] == sum(p.stat().st_size for p in parts)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out"), records(), check_dtype=False)
+
+
+def test_load_re_encodes_a_checkpoint_when_asked_for_other_options(tmp_path):
+    folder, ddf = checkpoint(tmp_path)
+    run(resolve("data.load").func(ctx(tmp_path, data=ddf), "out", compression="zstd"))
+    meta = pq.read_metadata(tmp_path / "out" / "part-00000.parquet")
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out"), records(), check_dtype=False)
+
+
+def test_load_writes_what_a_changed_checkpoint_holds(tmp_path):
+    _, ddf = checkpoint(tmp_path)
+    run(resolve("data.load").func(ctx(tmp_path, data=ddf[["id", "amount"]]), "out"))
+    assert list(pd.read_parquet(tmp_path / "out").columns) == ["id", "amount"]
+
+
+def test_checkpoint_column_selection_reads_only_those_columns(tmp_path, monkeypatch):
+    _, ddf = checkpoint(tmp_path)
+    asked = []
+    read = pd.read_parquet
+
+    def spy(path, *args, columns=None, **kwargs):
+        asked.append(columns)
+        return read(path, *args, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pd, "read_parquet", spy)
+    got = ddf[["id", "user"]].compute(scheduler="sync")
+    assert asked and all(c == ["id", "user"] for c in asked)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), records()[["id", "user"]], check_dtype=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from jupyterlab import CHROMIUM, CHROMIUM_ARGS, JupyterLab, chromium_available
+from labserver import CHROMIUM, CHROMIUM_ARGS, JupyterLab, chromium_available
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ARTIFACTS = ROOT / "test-artifacts"

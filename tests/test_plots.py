@@ -6,13 +6,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import nbflow_cmd, subprocess_env
 
 import nbflow
 from nbflow import events as ev
 from nbflow.state import RunState
 from nbflow.ui.plots import PNG_SIGNATURE, figure_png, memory_figure, save_memory_plot
 from nbflow.units import format_size
+
+from conftest import nbflow_cmd, subprocess_env
 
 EXTRACT = """  - name: extract
     action: data.extract

@@ -442,6 +442,15 @@ def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool
     if fmt == "parquet":
         writer = _AtomicWriter(dest, "parquet", {"compression": "snappy", **write_kwargs},
                                overwrite=overwrite)
+        from nbflow.engine.chunks import checkpoint_parts
+
+        parts = checkpoint_parts(ctx.input)
+        if parts:  # the upstream checkpoint as is: its part files may already be the output
+            import dask.dataframe as dd
+
+            chunks = dd.from_map(_copy_chunk, list(parts), list(range(len(parts))), args=[writer],
+                                 meta=_WRITE_META, enforce_metadata=False, label="nbflow-copy-parts")
+            return Effect(chunks=chunks, finish=writer.commit, output=None, abort=writer.abort)
     else:
         writer = _AtomicWriter(dest, "csv", write_kwargs, [str(c) for c in ctx.input.columns],
                                overwrite=overwrite)
@@ -465,6 +474,10 @@ def _sink(ddf, writer: _AtomicWriter) -> Effect:
 
 def _write_chunk(df: pd.DataFrame, writer: _AtomicWriter, partition_info=None) -> pd.DataFrame:
     return writer.part(df, partition_info["number"] if partition_info else 0)
+
+
+def _copy_chunk(source: str, chunk: int, writer: _AtomicWriter) -> pd.DataFrame:
+    return writer.copy(source, chunk)
 
 
 class _AtomicWriter:
@@ -499,6 +512,28 @@ class _AtomicWriter:
             table = pa.Table.from_pandas(df, preserve_index=False)
             pacsv.write_csv(table, path, self._csv_options(include_header=False))
         return pd.DataFrame({"chunk": [chunk], "records": [len(df)], "bytes": [path.stat().st_size]})
+
+    def copy(self, source: str | Path, chunk: int) -> pd.DataFrame:
+        """Part ``chunk`` from a Parquet file: copied as is when it is encoded the way
+        this writer would encode it (same compression, no other options), else
+        read and written again. The copy saves decoding and re-encoding every value."""
+        import pyarrow.parquet as pq
+
+        meta = pq.read_metadata(source)
+        if not self._encodes_like(meta):
+            return self.part(pd.read_parquet(source, engine="pyarrow"), chunk)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        path = self.tmp / f"part-{chunk:05d}.{self.fmt}"
+        shutil.copyfile(source, path)  # a copy, not a link: the checkpoint stays the cache's own
+        return pd.DataFrame({"chunk": [chunk], "records": [meta.num_rows], "bytes": [path.stat().st_size]})
+
+    def _encodes_like(self, meta) -> bool:
+        if self.fmt != "parquet" or set(self.options) - {"compression"}:
+            return False
+        codec = str(self.options.get("compression") or "none").upper()
+        codec = "UNCOMPRESSED" if codec == "NONE" else codec
+        return all(meta.row_group(g).column(c).compression == codec
+                   for g in range(meta.num_row_groups) for c in range(meta.num_columns))
 
     def commit(self, results: pd.DataFrame | None = None) -> dict:
         if self._result is not None:  # finish may be called again after a retry

@@ -34,11 +34,32 @@ def open_checkpoint(path: str | None, step: str) -> dd.DataFrame:
     if not files:
         raise StepError(f"the output of step '{step}' has no data files at {path}", {"step": step})
     empty = pq.read_schema(files[0]).empty_table().to_pandas()
-    return dd.from_map(_read_part, files, meta=empty, enforce_metadata=False)
+    ddf = dd.from_map(_read_part, files, meta=empty, enforce_metadata=False)
+    with _PARTS_LOCK:  # steps open their inputs from several threads
+        _PARTS[ddf._name] = tuple(files)
+        while len(_PARTS) > 256:  # names of collections long gone
+            del _PARTS[next(iter(_PARTS))]
+    return ddf
 
 
-def _read_part(path: str) -> pd.DataFrame:
-    return pd.read_parquet(path, engine="pyarrow")
+#: collection name -> its part files, for collections that are a checkpoint read as is
+_PARTS: dict[str, tuple[str, ...]] = {}
+_PARTS_LOCK = threading.Lock()
+
+
+def checkpoint_parts(ddf) -> tuple[str, ...] | None:
+    """The part files of ``ddf``, one per partition, if it is a checkpoint read unchanged.
+
+    Any operation on the collection (a column selection, a filter, a map) gives it
+    a new name, so only the very collection ``open_checkpoint`` returned matches:
+    a sink can then copy the files instead of decoding and re-encoding them.
+    """
+    return _PARTS.get(getattr(ddf, "_name", None))
+
+
+def _read_part(path: str, columns: list[str] | None = None) -> pd.DataFrame:
+    # the columns parameter lets Dask push a column selection into the read
+    return pd.read_parquet(path, engine="pyarrow", columns=columns)
 
 
 class Tokenized:

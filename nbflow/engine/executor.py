@@ -7,6 +7,7 @@ keeps no state a view needs.
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from nbflow import diagnose
 from nbflow import events as ev
 from nbflow.actions.registry import Effect, StepContext
 from nbflow.engine import chunks
@@ -27,6 +29,7 @@ from nbflow.store import CHECKPOINT_META, RunDir, read_checkpoint_meta, write_js
 from nbflow.tracebacks import format_exception, user_frame
 
 Emit = Callable[[ev.Event], None]
+log = logging.getLogger(__name__)
 
 
 class _StepFailed(Exception):
@@ -286,6 +289,11 @@ def _failure_event(run_id: str, step: str, exc: BaseException, started: float, a
         records_done = max(records_done, exc.records_done)
     if memory:
         details["memory"] = memory
+    try:
+        # only the live exception has the frames' locals: the diagnosis reads this later
+        details["evidence"] = diagnose.evidence(exc)
+    except Exception:  # noqa: BLE001 — evidence is a nicety; the failure is reported regardless
+        log.debug("could not take evidence from %r", exc, exc_info=True)
     return ev.StepFailed(
         run_id=run_id, step=step, error_type=type(exc).__name__, message=str(exc),
         location=frame.where if frame else None, source_line=frame.source if frame else None,

@@ -126,6 +126,15 @@ class TextLog:
                 if event.source_line:
                     lines.append(f"       {event.source_line}")
             return lines
+        if isinstance(event, ev.StepDiagnosed):
+            from nbflow.diagnose import RootCause
+            from nbflow.ui.rootcause import render_log
+
+            try:
+                lines = render_log(RootCause.from_dict(event.root_cause))
+            except Exception:  # noqa: BLE001 — a diagnosis the log can't read still leaves the failure shown
+                return []
+            return [f"{tree} {line}" for line in lines]
         if isinstance(event, ev.StepSkipped):
             return [f"{t} {s['skip']} {event.step}: {event.reason}"]
         if isinstance(event, ev.StepCancelled):

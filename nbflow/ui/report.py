@@ -140,9 +140,22 @@ def run_png(run) -> bytes | None:
         return None
 
 
-def summary_bundle(run) -> dict[str, str]:
-    """A mimebundle of the run's static summary: HTML for notebooks, text for terminals."""
-    return {"text/html": summary_html(run.state, run_png(run)), "text/plain": run.summary()}
+def summary_bundle(run, png: bytes | None | bool = True) -> dict[str, str]:
+    """A mimebundle of the run's static summary: HTML for notebooks, text for terminals.
+
+    ``png=True`` draws the memory plot into the HTML; ``False`` leaves it out (for
+    a separate image output), or pass the PNG bytes already drawn.
+    """
+    if png is True:
+        png = run_png(run)
+    return {"text/html": summary_html(run.state, png or None), "text/plain": run.summary()}
+
+
+def plot_bundle(png: bytes | None) -> dict[str, str] | None:
+    """The memory plot as its own image/png output: every notebook viewer shows those."""
+    if not png:
+        return None
+    return {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": "<memory over time>"}
 
 
 def _first_line(text: str) -> str:

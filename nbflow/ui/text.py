@@ -38,7 +38,9 @@ def run_summary(state: RunState, spec=None) -> str:
                      memory])
     lines = [head, "", table(rows, ["status", "step", "time", "records", "chunks", "memory"])]
     for name, rec in state.steps.items():
-        if rec.status is Status.FAILED and rec.error:
+        if rec.root_cause and rec.status in (Status.FAILED, Status.CANCELLED):
+            lines += ["", _root_cause_text(rec.root_cause)]
+        elif rec.status is Status.FAILED and rec.error:
             lines += ["", f"{name} failed: {rec.error.get('error_type')}: {rec.error.get('message')}"]
             if rec.error.get("location"):
                 lines.append(f"  at {rec.error['location']}")
@@ -47,6 +49,16 @@ def run_summary(state: RunState, spec=None) -> str:
         elif rec.status is Status.SKIPPED and rec.skipped_reason:
             lines.append(f"{name}: {rec.skipped_reason}")
     return "\n".join(lines)
+
+
+def _root_cause_text(root: dict) -> str:
+    from nbflow.diagnose import render_text
+
+    try:
+        return render_text(root)
+    except Exception as err:  # noqa: BLE001 — show the record, never hide the failure
+        return f"{root.get('step')} failed: {root.get('error_type')}: {root.get('message')} " \
+               f"(the diagnosis could not be shown: {err!r})"
 
 
 def runs_table(summaries: list[dict]) -> str:
