@@ -24,6 +24,7 @@ import difflib
 import hashlib
 import importlib
 import inspect
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -51,7 +52,8 @@ class Action:
         func = inspect.unwrap(self.func)
         try:
             code = inspect.getsource(func)
-        except (OSError, TypeError):
+        except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+            # no file, a builtin, or a lambda whose enclosing lines don't tokenize alone
             code_obj = getattr(func, "__code__", None)
             code = repr((code_obj.co_code, code_obj.co_consts)) if code_obj else repr(func)
         return hashlib.sha256(f"{self.kind}\0{code}".encode()).hexdigest()[:16]

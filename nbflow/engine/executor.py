@@ -76,6 +76,7 @@ class Executor:
         sorter.prepare()
         failed: list[str] = []
         blocked: set[str] = set()
+        stopped: set[str] = set()
         running: dict[Future, str] = {}
         interrupted = False
         pool = ThreadPoolExecutor(self.max_parallel_steps, thread_name_prefix="nbflow-step")
@@ -102,6 +103,7 @@ class Executor:
                     try:
                         future.result()
                     except RunInterrupted:
+                        stopped.add(name)  # its StepCancelled is already out
                         continue
                     except _StepFailed:
                         failed.append(name)
@@ -114,7 +116,8 @@ class Executor:
         cancelled = self.cancel.is_set()
         if cancelled:
             for name in plan.order:
-                if name in to_run and name not in self.outputs and name not in failed and name not in blocked:
+                if (name in to_run and name not in self.outputs and name not in failed
+                        and name not in blocked and name not in stopped):
                     self.emit(ev.StepCancelled(run_id=self.run_id, step=name))
         status = "cancelled" if cancelled else "failed" if failed else "completed"
         if interrupted:
