@@ -21,6 +21,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from nbflow.engine.memory import reset_async_signal
 from nbflow.tracebacks import cell_name, is_user_file
 
 _PROBE_LOCK = threading.Lock()  # tracemalloc and the profile hook are process-wide
@@ -304,7 +305,7 @@ def _capture(func: Callable, params: Mapping[str, Any], df) -> dict[str, Any]:
             best.clear()
             best.update(_tables(frame.f_locals), function=frame.f_code.co_name)
 
-    _settle_async_signal()
+    reset_async_signal()
     previous = sys.getprofile()
     sys.setprofile(hook)
     try:
@@ -312,30 +313,6 @@ def _capture(func: Callable, params: Mapping[str, Any], df) -> dict[str, Any]:
     finally:
         sys.setprofile(previous)
     return best
-
-
-class _Settle(BaseException):
-    pass
-
-
-def _settle_async_signal() -> None:
-    """Reset the interpreter's "async exception pending" signal before installing a profile hook.
-
-    ``PyThreadState_SetAsyncExc(thread, NULL)``, which the memory guard calls to
-    withdraw an interrupt that did not land, leaves that signal set for good; on
-    Python 3.11 a profile or trace function then loops forever at the next function
-    entry. Delivering one exception to this thread, and catching it, clears it.
-    """
-    import ctypes
-
-    set_async = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
-        ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
-    try:
-        set_async(threading.get_ident(), _Settle)
-        for _ in range(100):  # lands at the first check of the eval breaker
-            pass
-    except _Settle:
-        pass
 
 
 def _count_tables(local: Mapping[str, Any]) -> int:

@@ -142,3 +142,35 @@ def test_one_giant_allocation_is_bounded_by_a_worker_process_memory_limit(big_cs
     assert run.records["extract"].status is Status.COMPLETED
     assert run.records["hog"].error["error_type"] == "KilledWorker"
     assert psutil.Process().is_running()
+
+
+def test_tracing_still_works_after_a_trip(big_csv):
+    """A withdrawn interrupt must not leave the interpreter's async-exception signal set:
+    on Python 3.11 a trace function (pdb, coverage) would then loop forever."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import subprocess_env
+
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import nbflow
+        def hoard(df):
+            keep = []
+            for _ in range(60):
+                keep.append(np.ones(1_000_000) * len(keep))
+            return df
+        run = nbflow.run({_wf("hoard")!r}, namespace={{"hoard": hoard}}, log=False)
+        assert run.records["hog"].error["error_type"] == "MemoryBudgetExceeded"
+        calls = []
+        sys.settrace(lambda *args: calls.append(args[1]))
+        (lambda: 1)()
+        sys.settrace(None)
+        print("traced", len(calls))
+        """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=big_csv, capture_output=True, text=True,
+                         timeout=120, env=subprocess_env())
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "traced" in res.stdout

@@ -22,7 +22,7 @@ from nbflow import diagnose
 from nbflow import events as ev
 from nbflow.actions.registry import Effect, StepContext
 from nbflow.engine import chunks
-from nbflow.engine.memory import auto_chunk_size, release_memory
+from nbflow.engine.memory import auto_chunk_size, release_memory, reset_async_signal
 from nbflow.errors import MemoryBudgetExceeded, RunInterrupted, StepError
 from nbflow.plan import Plan, PlannedStep
 from nbflow.store import CHECKPOINT_META, RunDir, read_checkpoint_meta, write_json_atomic
@@ -183,6 +183,8 @@ class Executor:
             return {}
         guard.wait_idle(timeout=10)  # chunks still unwinding after the first failure
         stats = self.monitor.release(guard)
+        if stats.tripped:
+            reset_async_signal()
         return {"baseline": stats.baseline, "peak": stats.peak,
                 "peak_above_baseline": stats.peak_above_baseline, "budget": stats.budget,
                 "at_failure": stats.at_failure, "tripped": stats.tripped, "samples": stats.samples}

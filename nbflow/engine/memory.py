@@ -361,6 +361,26 @@ class GuardedCall:
                         "the workers' memory_limit instead")
 
 
+class _Settle(BaseException):
+    pass
+
+
+def reset_async_signal() -> None:
+    """Reset the interpreter's "async exception pending" signal after a trip.
+
+    Withdrawing an interrupt that did not land (SetAsyncExc(thread, NULL)) leaves
+    that signal set: every thread then takes the slow path at each eval check, and
+    on Python 3.11 a trace or profile function (pdb, coverage) loops forever.
+    Delivering one exception to this thread, and catching it, clears it.
+    """
+    try:
+        _set_async_exc(threading.get_ident(), _Settle)
+        for _ in range(100):  # lands at the first check of the eval breaker
+            pass
+    except _Settle:
+        pass
+
+
 def _clear_frames(tb) -> None:
     # frame.clear() refuses frames still executing (ours); the rest are done
     while tb is not None:
