@@ -175,7 +175,7 @@ def _parallelism(backend) -> int:
 
 
 def _available() -> int:
-    from nbflow.engine.memory import available_memory
+    from nbflow.engine.limits import available_memory
 
     return available_memory()
 

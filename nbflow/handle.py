@@ -183,7 +183,8 @@ class Run:
         # Dask loads here, not at import: `nbflow runs` and `show` stay quick
         from nbflow.engine.backends import make_backend
         from nbflow.engine.executor import Executor
-        from nbflow.engine.memory import MemoryMonitor, default_budget, describe_default_budget
+        from nbflow.engine.limits import default_budget, describe_default_budget
+        from nbflow.engine.memory import MemoryMonitor
 
         if self._running:
             raise RuntimeError(f"run {self.run_id} is already running")

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nbflow.actions import Effect, StepContext, registered, resolve
-from nbflow.actions.data import cleanup_temp, parquet_sink
+from nbflow.actions.sinks import cleanup_temp, parquet_sink
 from nbflow.errors import InputNotFound, SchemaError, StepError
 from nbflow.spec import StepSpec
 

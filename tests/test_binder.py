@@ -89,7 +89,7 @@ def test_notebook_budgets_fit_in_binder(name):
 
 def test_default_budget_under_a_binder_memory_limit(tmp_path):
     """With no max_memory a step gets half of what the cgroup still allows: ~0.8 GB on Binder."""
-    from nbflow.engine.memory import default_budget
+    from nbflow.engine.limits import default_budget
 
     cgroup = tmp_path / "cgroup"
     cgroup.mkdir()

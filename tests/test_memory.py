@@ -12,14 +12,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from nbflow.engine.memory import (
-    MemoryMonitor,
-    auto_chunk_size,
-    default_budget,
-    describe_default_budget,
-    memory_limit,
-    release_memory,
-)
+from nbflow.engine.limits import auto_chunk_size, default_budget, describe_default_budget, memory_limit
+from nbflow.engine.memory import MemoryMonitor, release_memory
 from nbflow.errors import MemoryBudgetExceeded
 
 MB = 1_000_000

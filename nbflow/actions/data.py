@@ -11,9 +11,6 @@ import difflib
 import glob
 import json
 import math
-import os
-import shutil
-import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +19,7 @@ import pandas as pd
 from pandas.api import types as pdt
 
 from nbflow.actions.registry import Effect, StepContext, action
+from nbflow.actions.sinks import WRITE_META, AtomicWriter, copy_part, sink
 from nbflow.errors import InputNotFound, SchemaError, StepError
 
 FORMATS = ("csv", "tsv", "parquet", "jsonl")
@@ -419,11 +417,7 @@ def _describe(p: dict, records: int) -> str:
     return head + f"{p['count']:,} of {records:,} rows {what}{example}"
 
 
-# -- data.load ----------------------------------------------------------------------------
-
-_WRITE_META = pd.DataFrame({"chunk": pd.Series(dtype="int64"), "records": pd.Series(dtype="int64"),
-                            "bytes": pd.Series(dtype="int64")})
-
+# -- data.load (the writers are in sinks.py) ----------------------------------------------------------------------------
 
 @action("data.load", kind="step")
 def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool = True,
@@ -440,7 +434,7 @@ def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool
         raise StepError(f"data.load: '{path}' exists and overwrite is false; remove it or set "
                         "overwrite: true", {"path": str(dest)})
     if fmt == "parquet":
-        writer = _AtomicWriter(dest, "parquet", {"compression": "snappy", **write_kwargs},
+        writer = AtomicWriter(dest, "parquet", {"compression": "snappy", **write_kwargs},
                                overwrite=overwrite)
         from nbflow.engine.chunks import checkpoint_parts
 
@@ -448,187 +442,10 @@ def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool
         if parts:  # the upstream checkpoint as is: its part files may already be the output
             import dask.dataframe as dd
 
-            chunks = dd.from_map(_copy_chunk, list(parts), list(range(len(parts))), args=[writer],
-                                 meta=_WRITE_META, enforce_metadata=False, label="nbflow-copy-parts")
+            chunks = dd.from_map(copy_part, list(parts), list(range(len(parts))), args=[writer],
+                                 meta=WRITE_META, enforce_metadata=False, label="nbflow-copy-parts")
             return Effect(chunks=chunks, finish=writer.commit, output=None, abort=writer.abort)
     else:
-        writer = _AtomicWriter(dest, "csv", write_kwargs, [str(c) for c in ctx.input.columns],
+        writer = AtomicWriter(dest, "csv", write_kwargs, [str(c) for c in ctx.input.columns],
                                overwrite=overwrite)
-    return _sink(ctx.input, writer)
-
-
-def parquet_sink(ddf, dest: str | Path, *, compression: str = "snappy", **write_options) -> Effect:
-    """Write ``ddf`` as ``dest/part-00000.parquet``, ... : all of it, or nothing.
-
-    Parts go to a temporary sibling folder; ``finish`` swaps it in for ``dest`` and
-    ``abort`` deletes it, so ``dest`` only ever holds a complete old or new dataset.
-    """
-    writer = _AtomicWriter(Path(dest), "parquet", {"compression": compression, **write_options})
-    return _sink(ddf, writer)
-
-
-def _sink(ddf, writer: _AtomicWriter) -> Effect:
-    chunks = ddf.map_partitions(_write_chunk, writer, meta=_WRITE_META)
-    return Effect(chunks=chunks, finish=writer.commit, output=None, abort=writer.abort)
-
-
-def _write_chunk(df: pd.DataFrame, writer: _AtomicWriter, partition_info=None) -> pd.DataFrame:
-    return writer.part(df, partition_info["number"] if partition_info else 0)
-
-
-def _copy_chunk(source: str, chunk: int, writer: _AtomicWriter) -> pd.DataFrame:
-    return writer.copy(source, chunk)
-
-
-class _AtomicWriter:
-    """Part files in ``<dest>.tmp-<id>``, committed by a rename (or a concatenation for CSV)."""
-
-    def __init__(self, dest: Path, fmt: str, options: dict, columns: list[str] | None = None,
-                 *, overwrite: bool = True):
-        self.dest = Path(dest)
-        self.fmt = fmt
-        self.options = dict(options)
-        self.columns = columns
-        self.tmp = self.dest.with_name(f"{self.dest.name}.tmp-{uuid.uuid4().hex[:12]}")
-        self.overwrite = bool(overwrite)
-        self._result: dict | None = None
-
-    def __dask_tokenize__(self):
-        return ("nbflow-atomic-writer", str(self.dest), str(self.tmp), self.fmt, repr(self.options))
-
-    def part(self, df: pd.DataFrame, chunk: int) -> pd.DataFrame:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        path = self.tmp / f"part-{chunk:05d}.{self.fmt}"
-        if self.fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, **self.options)
-        else:
-            import pyarrow as pa
-            import pyarrow.csv as pacsv
-
-            # pyarrow writes CSV ~15x faster than DataFrame.to_csv
-            table = pa.Table.from_pandas(df, preserve_index=False)
-            pacsv.write_csv(table, path, self._csv_options(include_header=False))
-        return pd.DataFrame({"chunk": [chunk], "records": [len(df)], "bytes": [path.stat().st_size]})
-
-    def copy(self, source: str | Path, chunk: int) -> pd.DataFrame:
-        """Part ``chunk`` from a Parquet file: copied as is when it is encoded the way
-        this writer would encode it (same compression, no other options), else
-        read and written again. The copy saves decoding and re-encoding every value."""
-        import pyarrow.parquet as pq
-
-        meta = pq.read_metadata(source)
-        if not self._encodes_like(meta):
-            return self.part(pd.read_parquet(source, engine="pyarrow"), chunk)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        path = self.tmp / f"part-{chunk:05d}.{self.fmt}"
-        shutil.copyfile(source, path)  # a copy, not a link: the checkpoint stays the cache's own
-        return pd.DataFrame({"chunk": [chunk], "records": [meta.num_rows], "bytes": [path.stat().st_size]})
-
-    def _encodes_like(self, meta) -> bool:
-        if self.fmt != "parquet" or set(self.options) - {"compression"}:
-            return False
-        codec = str(self.options.get("compression") or "none").upper()
-        codec = "UNCOMPRESSED" if codec == "NONE" else codec
-        return all(meta.row_group(g).column(c).compression == codec
-                   for g in range(meta.num_row_groups) for c in range(meta.num_columns))
-
-    def commit(self, results: pd.DataFrame | None = None) -> dict:
-        if self._result is not None:  # finish may be called again after a retry
-            return self._result
-        parts = sorted(self.tmp.glob(f"part-*.{self.fmt}")) if self.tmp.is_dir() else []
-        expected = len(results) if results is not None else len(parts)
-        if len(parts) != expected:
-            self.abort()
-            raise StepError(f"data.load: {len(parts)} of {expected} parts were written to "
-                            f"{self.tmp}; '{self.dest}' was left unchanged", {"path": str(self.dest)})
-        if not self.overwrite and self.dest.exists():
-            self.abort()
-            raise StepError(f"data.load: '{self.dest}' appeared while the step ran and overwrite "
-                            "is false; it was left unchanged", {"path": str(self.dest)})
-        records = int(results["records"].sum()) if results is not None else None
-        if self.fmt == "parquet":
-            size = sum(p.stat().st_size for p in parts)
-            self._swap_in()
-        else:
-            size = self._concatenate(parts)
-        self._result = {"records_out": records, "bytes": size, "path": str(self.dest),
-                        "parts": len(parts)}
-        return self._result
-
-    def _swap_in(self) -> None:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        if not self.tmp.is_dir():  # no chunk at all: still leave a (empty) dataset folder
-            self.tmp.mkdir(parents=True)
-        if not (self.dest.exists() or self.dest.is_symlink()):
-            os.rename(self.tmp, self.dest)
-            return
-        backup = self.dest.with_name(f"{self.dest.name}.old-{uuid.uuid4().hex[:12]}")
-        os.rename(self.dest, backup)
-        try:
-            os.rename(self.tmp, self.dest)
-        except BaseException:
-            os.rename(backup, self.dest)
-            raise
-        _remove(backup)
-
-    def _concatenate(self, parts: list[Path]) -> int:
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-
-        target = self.tmp.with_name(self.tmp.name + ".csv")
-        try:
-            header = pa.table({c: pa.array([], pa.string()) for c in self.columns or []})
-            with open(target, "wb") as out:
-                pacsv.write_csv(header, out, self._csv_options(include_header=True))
-                for part in parts:
-                    with open(part, "rb") as f:
-                        shutil.copyfileobj(f, out, 1 << 20)
-            size = target.stat().st_size
-            os.replace(target, self.dest)
-        finally:
-            target.unlink(missing_ok=True)
-        _remove(self.tmp)
-        return size
-
-    def _csv_options(self, include_header: bool):
-        import pyarrow.csv as pacsv
-
-        options = dict(self.options)
-        if "sep" in options:
-            options["delimiter"] = options.pop("sep")
-        return pacsv.WriteOptions(include_header=include_header, **options)
-
-    def abort(self) -> None:
-        """Delete what the chunks wrote; ``dest`` is untouched. Safe to call twice."""
-        if self._result is None:
-            _remove(self.tmp)
-            self.tmp.with_name(self.tmp.name + ".csv").unlink(missing_ok=True)
-
-
-def cleanup_temp(dest: str | Path) -> list[Path]:
-    """Tidy what a killed writer left beside ``dest``; returns the paths removed.
-
-    Deletes ``<dest>.tmp-*`` parts, and puts a ``<dest>.old-*`` backup back in place
-    if the process died between the two renames of a commit (else deletes it).
-    Call it only when no other run is writing ``dest``.
-    """
-    dest = Path(dest)
-    removed = []
-    backups = sorted(dest.parent.glob(f"{glob.escape(dest.name)}.old-*"),
-                     key=lambda p: p.stat().st_mtime)
-    if backups and not dest.exists():
-        os.rename(backups.pop(), dest)
-    for leftover in [*dest.parent.glob(f"{glob.escape(dest.name)}.tmp-*"), *backups]:
-        _remove(leftover)
-        removed.append(leftover)
-    return removed
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    return sink(ctx.input, writer)

@@ -152,7 +152,7 @@ def bytes_per_record(frame: pd.DataFrame) -> float:
 
 def checkpoint_effect(result, dest: Path, chunk_size: int) -> Effect:
     """Write a step's output as its checkpoint: Parquet parts, committed atomically."""
-    from nbflow.actions.data import parquet_sink
+    from nbflow.actions.sinks import parquet_sink
 
     if result is None:
         return Effect(chunks=None, finish=lambda _results: {"records_out": 0})

@@ -22,7 +22,8 @@ from nbflow import diagnose
 from nbflow import events as ev
 from nbflow.actions.registry import Effect, StepContext
 from nbflow.engine import chunks
-from nbflow.engine.memory import auto_chunk_size, release_memory, reset_async_signal
+from nbflow.engine.limits import auto_chunk_size
+from nbflow.engine.memory import release_memory, reset_async_signal
 from nbflow.errors import MemoryBudgetExceeded, RunInterrupted, StepError
 from nbflow.plan import Plan, PlannedStep
 from nbflow.store import CHECKPOINT_META, RunDir, read_checkpoint_meta, write_json_atomic
