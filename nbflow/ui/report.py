@@ -12,6 +12,7 @@ from typing import Any
 
 from nbflow.state import RunState, Status
 from nbflow.ui.log import duration
+from nbflow.ui.text import step_cells
 from nbflow.units import format_size
 
 STATUS_COLOURS = {
@@ -19,8 +20,6 @@ STATUS_COLOURS = {
     Status.FAILED: "#c62828", Status.CANCELLED: "#6d4c41", Status.SKIPPED: "#757575",
     Status.REUSED: "#00897b",
 }
-ICONS = {Status.PENDING: "○", Status.RUNNING: "▶", Status.COMPLETED: "✓", Status.FAILED: "✗",
-         Status.CANCELLED: "■", Status.SKIPPED: "⊘", Status.REUSED: "♻"}
 RUN_COLOURS = {"completed": "#2e7d32", "failed": "#c62828", "cancelled": "#6d4c41",
                "running": "#1e88e5", "pending": "#9e9e9e"}
 
@@ -51,34 +50,6 @@ def header_html(state: RunState, budget: int | None = None) -> str:
     if budget:
         parts.append(f"default budget {esc(format_size(budget))} per step")
     return " · ".join(parts)
-
-
-def step_cells(rec) -> dict[str, str]:
-    """The figures of one step, as text, shared by the table and the widget rows."""
-    peak = (rec.info or {}).get("memory", {}).get("peak_above_baseline")
-    if peak is None and rec.error:
-        peak = (rec.error.get("details") or {}).get("memory", {}).get("peak_above_baseline")
-    memory = format_size(peak) if peak is not None else "-"
-    if rec.max_memory:
-        memory += f" / {format_size(rec.max_memory)}"
-    if rec.records_out is not None:
-        records = f"{rec.records_out:,}"
-    elif rec.records_done:
-        records = f"{rec.records_done:,}…"
-    else:
-        records = "-"
-    chunks = f"{rec.chunks_done}/{rec.chunks_total}" if rec.chunks_total else "-"
-    took = duration(rec.duration) if rec.duration is not None else (
-        duration(time.time() - rec.started) if rec.status is Status.RUNNING and rec.started else "-")
-    note = ""
-    if rec.status is Status.FAILED and rec.error:
-        note = f"{rec.error.get('error_type')}: {_first_line(rec.error.get('message', ''))}"
-    elif rec.status is Status.SKIPPED:
-        note = rec.skipped_reason or ""
-    elif rec.status is Status.REUSED:
-        note = "saved output reused"
-    return {"status": f"{ICONS[rec.status]} {rec.status.value}", "records": records, "chunks": chunks,
-            "time": took, "memory": memory, "note": note}
 
 
 def steps_table_html(state: RunState) -> str:
@@ -156,8 +127,3 @@ def plot_bundle(png: bytes | None) -> dict[str, str] | None:
     if not png:
         return None
     return {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": "<memory over time>"}
-
-
-def _first_line(text: str) -> str:
-    lines = (text or "").strip().splitlines()
-    return lines[0] if lines else ""

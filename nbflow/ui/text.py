@@ -26,16 +26,8 @@ def run_summary(state: RunState, spec=None) -> str:
             f"(attempt {state.attempt}, started {when}, {total})")
     rows = []
     for name, rec in state.steps.items():
-        chunks = f"{rec.chunks_done}/{rec.chunks_total}" if rec.chunks_total else "-"
-        records = f"{rec.records_out:,}" if rec.records_out is not None else (
-            f"{rec.records_done:,}…" if rec.records_done else "-")
-        peak = (rec.info or {}).get("memory", {}).get("peak_above_baseline")
-        memory = format_size(peak) if peak is not None else "-"
-        if rec.max_memory and peak is not None:
-            memory += f" / {format_size(rec.max_memory)}"
-        rows.append([f"{ICONS[rec.status]} {rec.status.value}", name,
-                     duration(rec.duration) if rec.duration is not None else "-", records, chunks,
-                     memory])
+        cells = step_cells(rec)
+        rows.append([cells["status"], name, cells["time"], cells["records"], cells["chunks"], cells["memory"]])
     lines = [head, "", table(rows, ["status", "step", "time", "records", "chunks", "memory"])]
     for name, rec in state.steps.items():
         if rec.root_cause and rec.status in (Status.FAILED, Status.CANCELLED):
@@ -74,3 +66,36 @@ def runs_table(summaries: list[dict]) -> str:
 
 
 __all__ = ["run_summary", "runs_table", "format_size"]
+
+
+def step_cells(rec) -> dict[str, str]:
+    """The figures of one step, as text, shared by the table and the widget rows."""
+    peak = (rec.info or {}).get("memory", {}).get("peak_above_baseline")
+    if peak is None and rec.error:
+        peak = (rec.error.get("details") or {}).get("memory", {}).get("peak_above_baseline")
+    memory = format_size(peak) if peak is not None else "-"
+    if rec.max_memory:
+        memory += f" / {format_size(rec.max_memory)}"
+    if rec.records_out is not None:
+        records = f"{rec.records_out:,}"
+    elif rec.records_done:
+        records = f"{rec.records_done:,}…"
+    else:
+        records = "-"
+    chunks = f"{rec.chunks_done}/{rec.chunks_total}" if rec.chunks_total else "-"
+    took = duration(rec.duration) if rec.duration is not None else (
+        duration(time.time() - rec.started) if rec.status is Status.RUNNING and rec.started else "-")
+    note = ""
+    if rec.status is Status.FAILED and rec.error:
+        note = f"{rec.error.get('error_type')}: {_first_line(rec.error.get('message', ''))}"
+    elif rec.status is Status.SKIPPED:
+        note = rec.skipped_reason or ""
+    elif rec.status is Status.REUSED:
+        note = "saved output reused"
+    return {"status": f"{ICONS[rec.status]} {rec.status.value}", "records": records, "chunks": chunks,
+            "time": took, "memory": memory, "note": note}
+
+
+def _first_line(text: str) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""

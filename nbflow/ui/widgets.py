@@ -16,6 +16,7 @@ import ipywidgets as w
 from nbflow import events as ev
 from nbflow.state import Status
 from nbflow.ui import report
+from nbflow.ui.text import step_cells
 
 #: seconds between redraws of the memory plot while a run is live (at most twice a second)
 PLOT_INTERVAL = 0.5
@@ -33,7 +34,7 @@ class StepRow:
         self._status_class: str | None = None
 
     def update(self, rec) -> None:
-        cells = report.step_cells(rec)
+        cells = step_cells(rec)
         colour = report.STATUS_COLOURS[rec.status]
         self.status.value = f"<span style='color:{colour};font-weight:600'>{report.esc(cells['status'])}</span>"
         if rec.status is Status.REUSED or rec.status is Status.COMPLETED:
