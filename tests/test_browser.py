@@ -6,6 +6,7 @@ complete with the extract and validation reused. Screenshots go to test-artifact
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -47,44 +48,117 @@ def _status_idle(page, timeout=120_000):
         ".some(e => /\\|\\s*Idle/.test(e.textContent))", timeout=timeout)
 
 
-def test_seed_story_in_jupyterlab(lab):
-    from playwright.sync_api import expect, sync_playwright
+def _screenshot(locator, path: Path, attempts: int = 5) -> None:
+    """Screenshot ``locator``, again if its element was replaced meanwhile: when the run
+    ends, the cell's display is updated (dashboard + static summary) and JupyterLab renders
+    a new view of the same widget, detaching the element the locator had found."""
+    from playwright.sync_api import Error
+
+    for attempt in range(attempts):
+        try:
+            locator.scroll_into_view_if_needed(timeout=15_000)
+            locator.screenshot(path=str(path), timeout=15_000)
+            return
+        except Error:
+            if attempt == attempts - 1:
+                raise
+            locator.page.wait_for_timeout(1_000)
+
+
+@contextlib.contextmanager
+def _notebook_running(lab: JupyterLab, notebook: str):
+    """Open ``notebook`` in JupyterLab, wait for its kernel, Run All Cells; yields the page."""
+    from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(f"{lab.url}/lab/tree/seed.ipynb?token={lab.token}")
+            page.goto(f"{lab.url}/lab/tree/{notebook}?token={lab.token}")
             page.wait_for_selector(".jp-Notebook", timeout=90_000)
             _status_idle(page)
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
-
-            dashboard = page.locator(".nbflow-dashboard").first
-            expect(dashboard).to_be_visible(timeout=120_000)
-            failed_row = dashboard.locator(".nbflow-step-failed")
-            expect(failed_row).to_be_visible(timeout=180_000)
-            expect(failed_row).to_contain_text("transform-data")
-            _status_idle(page, timeout=240_000)
-            expect(dashboard.locator(".nbflow-rootcause").first).to_contain_text("MemoryBudgetExceeded")
-            # the location is the user's line in the notebook cell that defines enrich()
-            expect(dashboard.locator(".nbflow-rootcause").first).to_contain_text("Cell In[")
-            expect(dashboard.locator(".nbflow-rootcause").first).to_contain_text("astype(object)")
-            assert page.get_by_text("Loading widget").count() == 0
-            dashboard.scroll_into_view_if_needed()
-            dashboard.screenshot(path=str(ARTIFACTS / "seed-failed-dashboard.png"))
-            page.screenshot(path=str(ARTIFACTS / "seed-failed.png"))
-
-            fix = dashboard.locator(".nbflow-apply-fix").first
-            expect(fix).to_be_enabled(timeout=30_000)
-            fix.click()
-            expect(dashboard.locator(".nbflow-header")).to_contain_text("COMPLETED", timeout=240_000)
-            expect(dashboard.locator(".nbflow-step-reused")).to_have_count(2)
-            expect(dashboard.locator(".nbflow-step-reused").first).to_contain_text("extract-data")
-            expect(dashboard.locator(".nbflow-step-completed")).to_have_count(2)
-            dashboard.scroll_into_view_if_needed()
-            dashboard.screenshot(path=str(ARTIFACTS / "seed-fixed-dashboard.png"))
-            page.screenshot(path=str(ARTIFACTS / "seed-fixed.png"))
+            yield page
         finally:
             browser.close()
+
+
+def test_seed_story_in_jupyterlab(lab):
+    from playwright.sync_api import expect
+
+    with _notebook_running(lab, "seed.ipynb") as page:
+        dashboard = page.locator(".nbflow-dashboard").first
+        expect(dashboard).to_be_visible(timeout=120_000)
+        failed_row = dashboard.locator(".nbflow-step-failed")
+        expect(failed_row).to_be_visible(timeout=180_000)
+        expect(failed_row).to_contain_text("transform-data")
+        _status_idle(page, timeout=240_000)
+        expect(dashboard.locator(".nbflow-rootcause").first).to_contain_text("MemoryBudgetExceeded")
+        # the location is the user's line in the notebook cell that defines enrich()
+        expect(dashboard.locator(".nbflow-rootcause").first).to_contain_text("Cell In[")
+        expect(dashboard.locator(".nbflow-rootcause").first).to_contain_text("astype(object)")
+        assert page.get_by_text("Loading widget").count() == 0
+        _screenshot(dashboard, ARTIFACTS / "seed-failed-dashboard.png")
+        page.screenshot(path=str(ARTIFACTS / "seed-failed.png"))
+
+        fix = dashboard.locator(".nbflow-apply-fix").first
+        expect(fix).to_be_enabled(timeout=30_000)
+        fix.click()
+        expect(dashboard.locator(".nbflow-header")).to_contain_text("COMPLETED", timeout=240_000)
+        expect(dashboard.locator(".nbflow-step-reused")).to_have_count(2)
+        expect(dashboard.locator(".nbflow-step-reused").first).to_contain_text("extract-data")
+        expect(dashboard.locator(".nbflow-step-completed")).to_have_count(2)
+        _screenshot(dashboard, ARTIFACTS / "seed-fixed-dashboard.png")
+        page.screenshot(path=str(ARTIFACTS / "seed-fixed.png"))
+
+
+SLOW_CELLS = [
+    "%load_ext nbflow",
+    "import time\nimport pandas as pd\n\n"
+    "pd.DataFrame({'x': range(600)}).to_csv('slow.csv', index=False)\n\n"
+    "def crawl(df):\n    time.sleep(1.0)  # a slow chunk: 300 of them take minutes\n    return df",
+    "%%workflow\nname: slow\nsteps:\n  - name: extract\n    action: data.extract\n"
+    "    params: {path: slow.csv, chunk_size: 2}\n  - name: crawl\n    action: crawl\n"
+    "    needs: extract\n    params: {chunk_size: 2}",
+    "print('next cell ran; run status:', workflow_run.status)",
+]
+
+
+@pytest.fixture
+def slow_lab(tmp_path):
+    if not chromium_available():
+        pytest.fail("Debian's chromium is missing: `apt-get install chromium` (./scripts/test does it)")
+    cells = [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {},
+              "outputs": [], "source": src} for i, src in enumerate(SLOW_CELLS)]
+    nb = {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                                                      "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "slow.ipynb").write_text(json.dumps(nb))
+    server = JupyterLab(tmp_path, env={"PYTHONPATH": str(ROOT)}).start()
+    yield server
+    server.stop()
+
+
+def test_cancel_button_stops_the_cells_own_run(slow_lab):
+    """The %%workflow cell holds the kernel's main shell; Cancel still gets through
+    (on a kernel subshell), the run ends cancelled, and the next cell runs."""
+    from playwright.sync_api import expect
+
+    with _notebook_running(slow_lab, "slow.ipynb") as page:
+        dashboard = page.locator(".nbflow-dashboard").first
+        expect(dashboard.locator(".nbflow-step-running")).to_contain_text("crawl", timeout=120_000)
+        cancel = dashboard.locator(".nbflow-cancel")
+        expect(cancel).to_be_enabled(timeout=30_000)
+        clicked = page.evaluate("Date.now()")
+        cancel.click()
+        # 300 one-second chunks on two threads would take 150 s; a click that waited
+        # for the cell to finish would land after all of them
+        expect(dashboard.locator(".nbflow-header")).to_contain_text("CANCELLED", timeout=30_000)
+        waited = (page.evaluate("Date.now()") - clicked) / 1000
+        expect(page.get_by_text("next cell ran; run status: cancelled")).to_be_visible(timeout=60_000)
+        expect(dashboard.locator(".nbflow-step-cancelled")).to_contain_text("crawl")
+        expect(dashboard.locator(".nbflow-message")).to_contain_text("cancelled: rerun to go on")
+        assert waited < 30, waited
+        _screenshot(dashboard, ARTIFACTS / "cancelled-dashboard.png")

@@ -21,6 +21,17 @@ EXTRACT = """  - name: extract
     params: {path: "{input_path}", chunk_size: 250}"""
 
 
+def _handle(spec, namespace, **kwargs):
+    """A run handle not started yet (so a test can cancel it from another thread)."""
+    from nbflow.handle import Run
+    from nbflow.state import RunState
+    from nbflow.store import RunStore
+
+    run_dir = RunStore().new_run(spec.name)
+    return run_dir, Run(spec, run_dir, RunState(run_dir.run_id, spec.name, spec.step_names),
+                        namespace=namespace, **kwargs)
+
+
 def _collect(handle_events: list):
     def observer(event):
         handle_events.append(event)
@@ -121,43 +132,44 @@ def test_failure_skips_dependents_but_finishes_other_branches(csv_in_workdir):
         handle.raise_for_status()
 
 
-def test_cancel_stops_new_chunks_and_commits_nothing(csv_in_workdir):
+def _cancelled_after_first_chunk(extract_chunk: int, step_params: str, pause: float):
+    """Run extract → slow, cancelling from another thread once slow's first chunk started."""
     started = threading.Event()
     seen_chunks = []
 
     def slow(df):
         seen_chunks.append(len(df))
         started.set()
-        time.sleep(0.2)
+        time.sleep(pause)
         return df
 
-    holder = {}
-
-    def observer(event):
-        if isinstance(event, ev.RunStarted):
-            holder["started"] = True
-
-    spec = nbflow.parse(_wf(EXTRACT.replace("250", "50"), """  - name: slow
+    spec = nbflow.parse(_wf(EXTRACT.replace("250", str(extract_chunk)), f"""  - name: slow
     action: slow
-    needs: extract"""), namespace={"slow": slow})
-    from nbflow.handle import Run
-    from nbflow.state import RunState
-    from nbflow.store import RunStore
-
-    run_dir = RunStore().new_run(spec.name)
-    handle = Run(spec, run_dir, RunState(run_dir.run_id, spec.name, spec.step_names),
-                 namespace={"slow": slow}, observers=[observer])
+    needs: extract{step_params}"""), namespace={"slow": slow})
+    run_dir, handle = _handle(spec, {"slow": slow})
     threading.Thread(target=lambda: (started.wait(10), handle.cancel()), name="canceller").start()
     handle.execute()
     assert handle.status == "cancelled"
     assert handle.records["slow"].status is Status.CANCELLED
-    assert len(seen_chunks) < 20  # 1,000 rows in chunks of 50: it stopped early
     assert not list(run_dir.path.glob("checkpoints/slow-*/_nbflow.json"))
+    return handle, seen_chunks
+
+
+def test_cancel_stops_new_chunks_and_commits_nothing(csv_in_workdir):
+    handle, seen_chunks = _cancelled_after_first_chunk(50, "", pause=0.2)
+    assert len(seen_chunks) < 20  # 1,000 rows in chunks of 50: it stopped early
     # the next attempt runs it again and reuses extract
     handle.rerun()
     assert handle.status == "completed"
     assert handle.records["extract"].status is Status.REUSED
     assert handle.records["slow"].status is Status.COMPLETED
+
+
+def test_cancel_stops_between_the_chunks_of_one_partition(csv_in_workdir):
+    # extract hands over partitions of 1,000 records; the step works through each in
+    # chunks of 10: a cancel must not wait for the 100 chunks of a partition in flight
+    _, seen_chunks = _cancelled_after_first_chunk(1000, "\n    params: {chunk_size: 10}", pause=0.05)
+    assert set(seen_chunks) == {10} and len(seen_chunks) < 10  # of 100 in the partition
 
 
 def test_whole_action_in_memory_gets_one_frame(csv_in_workdir):

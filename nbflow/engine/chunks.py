@@ -62,19 +62,30 @@ def _read_part(path: str, columns: list[str] | None = None) -> pd.DataFrame:
     return pd.read_parquet(path, engine="pyarrow", columns=columns)
 
 
+class ChunksCancelled(Exception):
+    """Raised between two chunks of one partition once the run is cancelled; the
+    executor, seeing its cancel event set, records the step as cancelled."""
+
+
 class Tokenized:
     """A user function with the step's token and memory guard.
 
     Dask names tasks by hashing their arguments, and a closure over a lock or a
     notebook object may not hash: the step's token stands in. The guard (local
     backend only: it holds threads and locks) wraps each call where it runs, in
-    the worker thread, so the step's budget can interrupt it.
+    the worker thread, so the step's budget can interrupt it. ``cancel`` (local
+    too) lets a partition split into many chunks stop between them.
     """
 
-    def __init__(self, func, token: str, guard=None):
+    def __init__(self, func, token: str, guard=None, cancel: threading.Event | None = None):
         self.func = func
         self.token = token
         self.guard = guard
+        self.cancel = cancel
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise ChunksCancelled("the run was cancelled: no new chunk starts")
 
     def __call__(self, *args, chunk: int | None = None, **kwargs):
         if self.guard is None:
@@ -98,8 +109,11 @@ def apply_chunk(df: pd.DataFrame, func: Tokenized, params: Mapping[str, Any], ch
     chunk = partition_info["number"] if partition_info else None
     if len(df) <= chunk_size:
         return _checked(func(df, chunk=chunk, **params), func)
-    pieces = [_checked(func(df.iloc[i:i + chunk_size], chunk=chunk, **params), func)
-              for i in range(0, len(df), chunk_size)]
+    pieces = []
+    for i in range(0, len(df), chunk_size):
+        if isinstance(func, Tokenized):  # a partition of many chunks stops between them
+            func.check_cancel()
+        pieces.append(_checked(func(df.iloc[i:i + chunk_size], chunk=chunk, **params), func))
     return pd.concat(pieces, ignore_index=True)
 
 
@@ -129,7 +143,7 @@ def apply_action(action: Action, ctx: StepContext, params: Mapping[str, Any], ba
     if ctx.streaming:
         if action.kind == "chunk":
             source = ctx.input
-            return source.map_partitions(apply_chunk, Tokenized(func, ctx.token, guard), dict(params),
+            return source.map_partitions(apply_chunk, Tokenized(func, ctx.token, guard, cancel), dict(params),
                                          ctx.chunk_size, meta=source._meta, enforce_metadata=False,
                                          token=f"nbflow-{ctx.step.name}-{ctx.token}")
         data = ctx.input if len(ctx.inputs) == 1 else dict(ctx.inputs)

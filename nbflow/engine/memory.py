@@ -13,7 +13,14 @@ the step's wrapped chunk functions. What that promises, and what it cannot:
   still fails as it returns, with the peak that call made. Only a separate
   process bounds that: a Dask worker with ``memory_limit`` or ``RLIMIT_AS``.
 - RSS belongs to the process: steps running at once share one figure.
-- Freed memory stays mapped until ``release_memory()``.
+- Freed memory stays mapped until ``release_memory()``. glibc's malloc also
+  keeps large freed blocks in its heaps once it has seen a few (its mmap
+  threshold grows up to 32 MB), so RSS ratchets up over a step that allocates
+  and frees big arrays chunk after chunk. Like Dask's nanny for its workers
+  (``MALLOC_TRIM_THRESHOLD_=65536``), the monitor sets that trim threshold with
+  ``mallopt`` when it starts, unless the environment already set one or
+  ``NBFLOW_TUNE_MALLOC=0``; and before a guard trips it trims once and looks
+  again, so memory that is free but still mapped never fails a step.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import ctypes
 import functools
 import gc
 import logging
+import os
 import sys
 import threading
 import time
@@ -128,6 +136,7 @@ class MemoryMonitor:
         if self._thread is not None:
             raise RuntimeError("this MemoryMonitor is already running")
         self._stopping.clear()
+        tune_allocator()
         self._sample()
         self._thread = threading.Thread(target=self._loop, name="nbflow-memory-monitor",
                                         daemon=True)
@@ -220,6 +229,7 @@ class StepGuard:
         self._samples = 0
         self._at_failure: int | None = None
         self._released = False
+        self._confirmed = float("-inf")  # when a crossing was last re-checked after a trim
 
     def add_records(self, n: int) -> None:
         """Count ``n`` more records done; thread-safe, unlike ``records_done += n``."""
@@ -249,6 +259,14 @@ class StepGuard:
             self._samples += sampled
             self._peak = max(self._peak, rss)
             over = self.budget is not None and rss - self.baseline > self.budget
+            if over and self.tripped is None and sampled:
+                # free-but-mapped heap pages are not the step's memory: trim, look again
+                now = time.monotonic()
+                if now - self._confirmed >= 1.0:
+                    self._confirmed = now
+                    trim_heap()
+                    rss = self._monitor.rss()
+                    over = rss - self.baseline > self.budget
             if over and self.tripped is None:
                 self._trip(rss)
 
@@ -400,6 +418,12 @@ def release_memory() -> Released:
     proc = psutil.Process()
     before = proc.memory_info().rss
     gc.collect()
+    trim_heap()
+    return Released(before, proc.memory_info().rss)
+
+
+def trim_heap() -> None:
+    """Hand free-but-mapped heap pages back to the OS (glibc's arenas, Arrow's pool)."""
     pyarrow = sys.modules.get("pyarrow")  # pandas 3 keeps strings in Arrow's own pool
     if pyarrow is not None:
         with contextlib.suppress(Exception):
@@ -407,7 +431,31 @@ def release_memory() -> Released:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)  # glibc keeps freed arena pages mapped until asked
-    return Released(before, proc.memory_info().rss)
+
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter number
+
+
+@functools.lru_cache(maxsize=1)
+def tune_allocator() -> bool:
+    """Once per process: give large freed blocks back to the OS at once (True if set).
+
+    Setting the trim threshold also freezes glibc's mmap threshold at 128 kB, so
+    NumPy buffers and Arrow arrays are unmapped when freed, and RSS follows what
+    is alive instead of what was ever allocated. Dask's nanny does the same for
+    its workers. Skipped when ``MALLOC_TRIM_THRESHOLD_`` is set (the user chose)
+    or ``NBFLOW_TUNE_MALLOC=0``; a no-op off glibc.
+    """
+    if os.environ.get("NBFLOW_TUNE_MALLOC", "1").lower() in ("0", "false", "no", "off"):
+        return False
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_TRIM_THRESHOLD, 64 * 1024))
 
 
 # -- how much memory a step may use by default --------------------------------

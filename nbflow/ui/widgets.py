@@ -3,7 +3,8 @@
 The dashboard only reads records and calls Run methods: Rerun failed steps,
 Apply fix & rerun, Rerun from step, Cancel. Reruns started from a button run in
 a background thread so the kernel stays free to take the Cancel click and the
-dashboard keeps updating.
+dashboard keeps updating; while the cell that started the run still holds the
+kernel, the Cancel click is taken on a kernel subshell (``ui/sidechannel.py``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import ipywidgets as w
 from nbflow import events as ev
 from nbflow.state import Status
 from nbflow.ui import report
+from nbflow.ui.sidechannel import route_to_subshell
 from nbflow.ui.text import step_cells
 
 #: seconds between redraws of the memory plot while a run is live (at most twice a second)
@@ -96,6 +98,11 @@ class Dashboard:
         self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning", layout=auto)
         self.cancel_button.add_class("nbflow-cancel")
         self.cancel_button.on_click(self._on_cancel)
+        # the cell that started the run holds the main shell: take Cancel's click on a subshell
+        self.cancel_routed = route_to_subshell(self.cancel_button)
+        if not self.cancel_routed:
+            self.cancel_button.tooltip = ("stops a rerun started here; to stop the cell's own run, "
+                                          "interrupt the kernel (■)")
         self.fix_buttons: list[w.Button] = []
         self.fixes_box = w.VBox()
         self.fixes_box.add_class("nbflow-fixes")
@@ -128,6 +135,8 @@ class Dashboard:
             return
         if isinstance(event, ev.RunFinished):
             self._stop_ticker()
+            if self.message.value.startswith("<i>cancelling"):
+                self.message.value = "<i>cancelled: rerun to go on from where it stopped</i>"
             self.refresh(plot=True)
             return
         step = getattr(event, "step", None)
