@@ -156,6 +156,7 @@ class MemorySampled(Event):
     kind: ClassVar[str] = "memory_sampled"
     rss: int  # bytes, the process (and its children / workers)
     steps: tuple[str, ...] = ()  # steps running at the sample
+    remote: int = 0  # bytes of rss on cluster workers outside this process tree
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -163,7 +163,7 @@ class Run:
 
     def _on_sample(self, sample) -> None:
         self.emit(ev.MemorySampled(run_id=self.run_id, time=sample.time, rss=sample.rss,
-                                   steps=sample.steps))
+                                   steps=sample.steps, remote=sample.remote))
 
     def _save(self) -> None:
         self.run_dir.write_run({
@@ -199,7 +199,8 @@ class Run:
         started = time.time()
         status = "failed"
         budget = default_budget(self.budget_fraction)
-        monitor = MemoryMonitor(interval=self.memory_interval, on_sample=self._on_sample)
+        monitor = MemoryMonitor(interval=self.memory_interval, on_sample=self._on_sample,
+                                remote=getattr(backend, "remote_memory", None))
         try:
             self.emit(ev.RunStarted(run_id=self.run_id, workflow=self.spec.name,
                                     steps=plan.order, attempt=self.state.attempt + 1,

@@ -29,7 +29,7 @@ def concat_all(df):
     return frames[-1].head(len(df))
 
 
-def _wf(function: str, extra: str = "") -> str:
+def _wf(function: str, extra: str = "", budget: str = BUDGET) -> str:
     return f"""\
 name: budget
 steps:
@@ -39,7 +39,7 @@ steps:
   - name: hog
     action: {function}
     needs: extract
-    max_memory: {BUDGET}
+    max_memory: {budget}
 {extra}"""
 
 
@@ -137,7 +137,8 @@ def test_one_giant_allocation_is_bounded_by_a_worker_process_memory_limit(big_cs
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
             LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="400MB",
                          dashboard_address=None) as cluster, Client(cluster) as client:
-        run = nbflow.run(_wf("giant"), namespace={"giant": giant}, backend=client, log=False)
+        # a step budget above the worker's limit: the nanny, not nbflow's guard, must stop it
+        run = nbflow.run(_wf("giant", budget="4GB"), namespace={"giant": giant}, backend=client, log=False)
     assert run.status == "failed"
     assert run.records["extract"].status is Status.COMPLETED
     assert run.records["hog"].error["error_type"] == "KilledWorker"

@@ -6,8 +6,11 @@ starting new chunks once ``cancel`` is set.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -39,6 +42,8 @@ class LocalBackend:
     """Dask's threaded scheduler in this process: the Jupyter kernel's own threads."""
 
     name = "threads"
+    #: memory outside this process tree to watch: none, every chunk runs here
+    remote_memory = None
 
     def __init__(self, num_workers: int | None = None):
         self.num_workers = num_workers or os.cpu_count() or 2
@@ -89,10 +94,41 @@ class DistributedBackend:
                 self._cluster = LocalCluster(**cluster_kwargs)
                 client = Client(self._cluster)
         self.client = client
+        self._pids: dict[str, int] = {}  # worker address -> its pid, when asked last
+        self._in_tree: set[str] = set()
 
     @property
     def parallelism(self) -> int:
         return max(1, sum(self.client.nthreads().values()))
+
+    def remote_memory(self) -> dict[str, int]:
+        """Resident bytes of each worker outside this process tree, from the scheduler.
+
+        Each worker reports its process memory with its heartbeat (every ~0.5 s on
+        a small cluster); the scheduler keeps the latest. Workers that are this
+        process (``processes=False``) or its children (a LocalCluster's nannies)
+        are left out: the local sampler counts them already.
+        """
+        workers = self.client.scheduler_info().get("workers", {})
+        if set(workers) != set(self._pids):
+            self._find_local_workers(workers)
+        return {address: int(w.get("metrics", {}).get("memory") or 0)
+                for address, w in workers.items() if address not in self._in_tree}
+
+    def _find_local_workers(self, workers: dict) -> None:
+        import psutil
+
+        try:
+            self._pids = dict(self.client.run(os.getpid))
+        except Exception:  # noqa: BLE001 — a worker left meanwhile: ask again next time
+            self._pids = {}
+        local_hosts = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+        with contextlib.suppress(Exception):
+            local_hosts |= {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+        me = psutil.Process()
+        tree = {me.pid} | {p.pid for p in me.children(recursive=True)}
+        self._in_tree = {address for address, pid in self._pids.items()
+                         if pid in tree and workers.get(address, {}).get("host") in local_hosts}
 
     def compute_chunks(self, collection, on_chunk: OnChunk | None = None,
                        cancel: threading.Event | None = None) -> list:
@@ -104,12 +140,17 @@ class DistributedBackend:
         results: list = [None] * len(futures)
         try:
             done = as_completed(futures, with_results=False)
-            for future in done:
+            while not done.is_empty():
+                # poll, so a cancel (or a tripped budget) is seen while a long chunk runs
                 if cancel is not None and cancel.is_set():
                     raise RunInterrupted()
-                results[index[future.key]] = value = future.result()
-                if on_chunk is not None:
-                    on_chunk(index[future.key], value)
+                batch = done.next_batch(block=False)
+                if not batch:
+                    time.sleep(0.05)
+                for future in batch:
+                    results[index[future.key]] = value = future.result()
+                    if on_chunk is not None:
+                        on_chunk(index[future.key], value)
         except BaseException:
             self.client.cancel(futures)
             raise

@@ -33,6 +33,16 @@ Emit = Callable[[ev.Event], None]
 log = logging.getLogger(__name__)
 
 
+class _Stop:
+    """When a step's chunks must stop: the run was cancelled or the step's budget tripped."""
+
+    def __init__(self, cancel: threading.Event, guard):
+        self.cancel, self.guard = cancel, guard
+
+    def is_set(self) -> bool:
+        return self.cancel.is_set() or self.guard.tripped is not None
+
+
 class _StepFailed(Exception):
     """Internal: a step failed for good (its events are already emitted)."""
 
@@ -207,7 +217,10 @@ class Executor:
         dest = self.run_dir.checkpoint_dir(p.name, p.key)
         # the memory guard holds threads and locks: it works where the chunks run in this process
         local_guard = guard if self.backend.name == "threads" else None
-        result = chunks.apply_action(p.action, ctx, p.params, self.backend, self.cancel, local_guard)
+        # on a cluster the guard can't reach into the workers' threads: a trip stops the
+        # step's chunks from the scheduler's side instead (no new chunk starts)
+        stop = self.cancel if local_guard is not None or guard is None else _Stop(self.cancel, guard)
+        result = chunks.apply_action(p.action, ctx, p.params, self.backend, stop, local_guard)
         effect = (result if isinstance(result, Effect)
                   else chunks.checkpoint_effect(result, dest, ctx.chunk_size))
 
@@ -225,7 +238,7 @@ class Executor:
             self.emit(ev.StepPlanned(run_id=self.run_id, step=p.name, chunks_total=progress.total,
                                      chunk_size=auto))
         try:
-            frames = (self.backend.compute_chunks(effect.chunks, on_chunk, self.cancel)
+            frames = (self.backend.compute_chunks(effect.chunks, on_chunk, stop)
                       if effect.chunks is not None else [])
             if guard is not None and guard.tripped is not None:
                 # a step whose work the guard could not interrupt (a long C call, a built-in)
@@ -234,10 +247,13 @@ class Executor:
             results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
             del frames
             info = dict(effect.finish(results) or {})
-        except BaseException:
+        except BaseException as exc:
             abort = getattr(effect, "abort", None)
             if abort is not None:
                 abort()
+            if isinstance(exc, RunInterrupted) and guard is not None and guard.tripped is not None \
+                    and not self.cancel.is_set():
+                raise guard.tripped from None  # stopped for its budget, not by the user
             raise
         meta: dict[str, Any] = {"step": p.name, "key": p.key, "created": time.time(), **_jsonable(info)}
         if effect.passthrough:

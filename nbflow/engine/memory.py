@@ -12,7 +12,11 @@ the step's wrapped chunk functions. What that promises, and what it cannot:
   ``np.ones``, ``read_csv`` of a huge file) runs to its end first: the step
   still fails as it returns, with the peak that call made. Only a separate
   process bounds that: a Dask worker with ``memory_limit`` or ``RLIMIT_AS``.
-- RSS belongs to the process: steps running at once share one figure.
+- RSS belongs to the process: steps running at once share one figure. On a
+  dask.distributed cluster the figure also holds the workers outside this
+  process tree (``remote``: the scheduler's view, ~0.5 s old); a step's budget
+  there stops new chunks and fails the step, but cannot interrupt a task
+  already running on a worker: the worker's ``memory_limit`` bounds that.
 - Freed memory stays mapped until ``release_memory()``. glibc's malloc also
   keeps large freed blocks in its heaps once it has seen a few (its mmap
   threshold grows up to 32 MB), so RSS ratchets up over a step that allocates
@@ -34,7 +38,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import psutil
 
@@ -67,6 +71,7 @@ class MemorySample:
     rss: int  # bytes: this process plus its child processes
     steps: tuple[str, ...] = ()  # steps watched at that moment
     chunks: tuple[tuple[str, int | None], ...] = ()  # (step, chunk) running
+    remote: int = 0  # bytes of it on cluster workers outside this process tree
 
 
 @dataclass(frozen=True)
@@ -98,11 +103,20 @@ class MemoryMonitor:
 
     def __init__(self, interval: float = 0.1,
                  on_sample: Callable[[MemorySample], Any] | None = None,
-                 *, children_refresh: float = 2.0):
+                 *, children_refresh: float = 2.0,
+                 remote: Callable[[], Mapping[str, int]] | None = None, remote_interval: float = 0.5):
         if interval <= 0:
             raise ValueError(f"interval must be positive, not {interval!r}")
         self.interval = interval
         self.on_sample = on_sample
+        # Cluster workers on other machines (or outside our process tree): their memory
+        # as the backend reports it (the scheduler's view, refreshed by each worker's
+        # heartbeat), asked at most every ``remote_interval`` seconds.
+        self._remote = remote
+        self._remote_interval = remote_interval
+        self._remote_at = float("-inf")
+        self._remote_last: dict[str, int] = {}
+        self._remote_lock = threading.Lock()
         self.samples: list[MemorySample] = []
         # Walking the process tree costs ~2 ms, one process's RSS ~30 us: find
         # the children (workers, subprocesses) once, then every few seconds.
@@ -117,6 +131,24 @@ class MemoryMonitor:
         self._callback_failed = False
 
     def rss(self) -> int:
+        """Bytes resident in this process, its child processes and remote workers."""
+        return self.local_rss() + sum(self.remote_rss().values())
+
+    def remote_rss(self) -> dict[str, int]:
+        """Bytes resident in each remote worker (empty without a cluster)."""
+        if self._remote is None:
+            return {}
+        with self._remote_lock:
+            now = time.monotonic()
+            if now - self._remote_at >= self._remote_interval:
+                self._remote_at = now
+                try:
+                    self._remote_last = dict(self._remote())
+                except Exception:  # noqa: BLE001 — a scheduler hiccup: keep the last figures
+                    log.debug("remote memory unavailable", exc_info=True)
+            return dict(self._remote_last)
+
+    def local_rss(self) -> int:
         """Bytes resident in this process and its child processes."""
         now = time.monotonic()
         if now - self._children_found >= self._children_refresh:
@@ -185,12 +217,13 @@ class MemoryMonitor:
 
     def _sample(self) -> None:
         try:
-            rss = self.rss()
+            remote = sum(self.remote_rss().values())
+            rss = self.local_rss() + remote
             with self._lock:
                 guards = list(self._guards)
             # list() of a dict is one C call under the GIL: a consistent snapshot
             chunks = tuple((g.step, c) for g in guards for c in list(g._active.values()))
-            sample = MemorySample(time.time(), rss, tuple(g.step for g in guards), chunks)
+            sample = MemorySample(time.time(), rss, tuple(g.step for g in guards), chunks, remote)
             self.samples.append(sample)
             for g in guards:  # before the callback, so a slow view never delays a trip
                 g._observe(rss, sampled=True)

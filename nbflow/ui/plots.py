@@ -456,7 +456,10 @@ def _notes(att: _Attempt, off_scale: dict[int, list[str]]) -> str:
 def _legend(fig: Figure, attempts: list[_Attempt]) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=INK, linewidth=1.6, label="memory (RSS, process + children)"),
+    remote = any(getattr(sample, "remote", 0) for att in attempts for sample in att.samples)
+    what = "memory (RSS, process + children + cluster workers)" if remote else \
+        "memory (RSS, process + children)"
+    handles = [Line2D([], [], color=INK, linewidth=1.6, label=what),
                Line2D([], [], color=MUTED, linewidth=1.0, linestyle=":", label="step baseline"),
                Line2D([], [], color=MUTED, linewidth=1.6, linestyle=(0, (5, 2)),
                       label="baseline + max_memory"),
