@@ -66,6 +66,7 @@ class Run:
         self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._running = False
+        self._plot_thread: threading.Thread | None = None
         #: seconds between memory samples
         self.memory_interval = 0.1
         #: the default per-step budget, as a fraction of the memory available to the process
@@ -188,6 +189,7 @@ class Run:
 
         if self._running:
             raise RuntimeError(f"run {self.run_id} is already running")
+        self.memory_plot()  # the last attempt's figure reads the state this one will change
         if previous is None and self.state.attempt:
             previous = self.state
         plan = make_plan(self.spec, namespace=self.namespace, previous=previous, force=set(force),
@@ -226,15 +228,10 @@ class Run:
             if backend is not self.backend:
                 backend.close()
             self.run_dir.close()
-            try:  # memory.png beside the records (~0.1 s); a figure never fails a run
-                from nbflow.ui.plots import save_memory_plot
-
-                save_memory_plot(self)
-            except Exception as err:  # noqa: BLE001
-                import warnings
-
-                warnings.warn(f"run {self.run_id}: memory plot not saved: {err}", RuntimeWarning,
-                              stacklevel=2)
+            # memory.png beside the records, drawn after the caller has its result (importing
+            # matplotlib and drawing take ~0.5 s); not a daemon: a script's exit waits for it
+            self._plot_thread = threading.Thread(target=self._save_plot, name="nbflow-plot")
+            self._plot_thread.start()
         if raise_on_failure and status == "failed":
             self.raise_for_status()
         return self
@@ -262,6 +259,25 @@ class Run:
             self.spec.step(from_step)  # KeyError for a step that isn't there
             force.add(from_step)
         return self.execute(force=force, raise_on_failure=raise_on_failure)
+
+    def _save_plot(self) -> None:
+        try:  # a figure never fails a run
+            from nbflow.ui.plots import save_memory_plot
+
+            save_memory_plot(self)
+        except Exception as err:  # noqa: BLE001
+            import warnings
+
+            warnings.warn(f"run {self.run_id}: memory plot not saved: {err}", RuntimeWarning,
+                          stacklevel=2)
+
+    def memory_plot(self) -> Path | None:
+        """``memory.png`` of the last attempt, once written (None if it could not be drawn)."""
+        thread = self._plot_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        path = self.run_dir.path / "memory.png"
+        return path if self._plot_thread is not None and path.exists() else None
 
     def cancel(self) -> None:
         """Stop starting new chunks; steps in flight are marked cancelled. Safe from any thread."""

@@ -218,7 +218,8 @@ def test_few_or_no_samples_still_draw(samples_every):
 
 def test_every_run_saves_its_png_and_the_cli_writes_one_with_agg(csv_in_workdir):
     handle = nbflow.run(_wf(EXTRACT), log=False)
-    saved = handle.run_dir.path / "memory.png"
+    saved = handle.memory_plot()  # drawn in the background as the run returned
+    assert saved == handle.run_dir.path / "memory.png"
     assert saved.read_bytes().startswith(PNG_SIGNATURE)
 
     path = save_memory_plot(handle.run_dir, csv_in_workdir / "plots" / "again.png", dpi=60)
@@ -231,3 +232,12 @@ def test_every_run_saves_its_png_and_the_cli_writes_one_with_agg(csv_in_workdir)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     assert "memory plot written" in proc.stdout
+
+
+def test_a_cli_run_leaves_its_png_when_the_process_exits(csv_in_workdir):
+    (csv_in_workdir / "wf.yaml").write_text(_wf(EXTRACT))
+    proc = subprocess.run(nbflow_cmd("run", "wf.yaml"), capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(MPLBACKEND="Agg"), cwd=csv_in_workdir)
+    assert proc.returncode == 0, proc.stderr
+    (png,) = (csv_in_workdir / ".nbflow" / "runs").glob("*/memory.png")
+    assert png.read_bytes().startswith(PNG_SIGNATURE)

@@ -103,6 +103,9 @@ def summary_html(state: RunState, png: bytes | None = None) -> str:
 def run_png(run) -> bytes | None:
     """The memory plot of a run as PNG bytes (None when it cannot be drawn)."""
     try:
+        saved = run.memory_plot() if hasattr(run, "memory_plot") else None
+        if saved is not None:  # the run drew it as it ended: the same figure, same dpi
+            return saved.read_bytes()
         from nbflow.ui.plots import figure_png, memory_figure
 
         events = list(run.run_dir.read_events())
