@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from nbflow.engine.memory import reset_async_signal
+from nbflow.parts import part_files, part_rows, read_head
 from nbflow.tracebacks import cell_name, is_user_file
 
 _PROBE_LOCK = threading.Lock()  # tracemalloc and the profile hook are process-wide
@@ -189,13 +190,11 @@ def checkpoint_files(path: str | None) -> list[Path]:
         meta = read_checkpoint_meta(path)
     if meta is None or meta.get("empty"):
         return []
-    return sorted(Path(path).glob("part-*.parquet"))
+    return part_files(path)
 
 
 def input_facts(checkpoints: Mapping[str, str | None], sample_rows: int = 2000) -> dict[str, Any]:
     """Per input step: records, bytes on disk, chunks and their sizes, bytes per record in memory."""
-    import pyarrow.parquet as pq
-
     facts: dict[str, Any] = {}
     for step, path in checkpoints.items():
         files = checkpoint_files(path)
@@ -203,7 +202,7 @@ def input_facts(checkpoints: Mapping[str, str | None], sample_rows: int = 2000) 
             continue
         rows, size = [], 0
         for f in files:
-            rows.append(pq.ParquetFile(f).metadata.num_rows)
+            rows.append(part_rows(f))
             size += f.stat().st_size
         entry: dict[str, Any] = {"records": sum(rows), "bytes": size, "chunks": len(rows),
                                  "chunk_records": {"max": max(rows), "median": sorted(rows)[len(rows) // 2],
@@ -221,14 +220,12 @@ def input_facts(checkpoints: Mapping[str, str | None], sample_rows: int = 2000) 
 def read_sample(files: list[Path], rows: int):
     """Up to ``rows`` records from the first part files, as pandas reads them for a chunk."""
     import pandas as pd
-    import pyarrow.parquet as pq
 
     frames, got = [], 0
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=max(1, rows - got)):
-            frames.append(batch.to_pandas())
-            got += batch.num_rows
-            break
+        frame = read_head(f, rows - got)
+        frames.append(frame)
+        got += len(frame)
         if got >= rows:
             break
     if not frames:

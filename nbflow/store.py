@@ -4,7 +4,7 @@
   (rewritten atomically at each step transition);
 - ``events.jsonl``: every event, appended and flushed as it happens;
 - ``memory.jsonl``: the memory samples;
-- ``checkpoints/<step>-<key>/``: a completed step's output as Parquet part files,
+- ``checkpoints/<step>-<key>/``: a completed step's output as part files (``parts.py``),
   with ``_nbflow.json`` written last: a checkpoint without it is not trusted.
 """
 from __future__ import annotations

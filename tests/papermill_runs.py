@@ -102,7 +102,17 @@ def papermill(notebook: Path, output: Path, *, cwd: Path, params: Mapping[str, o
            "--no-progress-bar"]
     for key, value in (params or {}).items():
         cmd += ["-p", key, str(value)]
-    return run_command(cmd, cwd=cwd, env=env or env_for(cwd), timeout=timeout, output=output)
+    run = run_command(cmd, cwd=cwd, env=env or env_for(cwd), timeout=timeout, output=output)
+    if not run.hung and run.returncode != 0 and KERNEL_START_FAILED in run.stderr:
+        # jupyter_client picks the kernel's TCP ports by binding and releasing them, so two
+        # kernels starting at the same moment can race for one and the loser dies before any
+        # cell (nbflow included) ran: start that one again, once, and say so
+        print(f"{output}: the kernel died while starting; starting it again", file=sys.stderr)
+        run = run_command(cmd, cwd=cwd, env=env or env_for(cwd), timeout=timeout, output=output)
+    return run
+
+
+KERNEL_START_FAILED = "Kernel died before replying to kernel_info"
 
 
 def outputs(nb: nbformat.NotebookNode) -> Iterator[tuple[int, nbformat.NotebookNode, dict]]:

@@ -54,15 +54,25 @@ def _screenshot(locator, path: Path, attempts: int = 5) -> None:
     a new view of the same widget, detaching the element the locator had found."""
     from playwright.sync_api import Error
 
-    for attempt in range(attempts):
-        try:
-            locator.scroll_into_view_if_needed(timeout=15_000)
-            locator.screenshot(path=str(path), timeout=15_000)
-            return
-        except Error:
-            if attempt == attempts - 1:
-                raise
-            locator.page.wait_for_timeout(1_000)
+    page = locator.page
+    viewport = page.viewport_size
+    try:
+        for attempt in range(attempts):
+            try:
+                # JupyterLab scrolls the notebook inside its own panel: make the window tall
+                # enough for the whole dashboard, or the screenshot stitches in the page around it
+                height = int(locator.evaluate("e => e.getBoundingClientRect().height", timeout=15_000))
+                page.set_viewport_size({"width": viewport["width"],
+                                        "height": max(viewport["height"], height + 400)})
+                locator.scroll_into_view_if_needed(timeout=15_000)
+                locator.screenshot(path=str(path), timeout=15_000)
+                return
+            except Error:
+                if attempt == attempts - 1:
+                    raise
+                page.wait_for_timeout(1_000)
+    finally:
+        page.set_viewport_size(viewport)
 
 
 @contextlib.contextmanager

@@ -419,14 +419,25 @@ def _describe(p: dict, records: int) -> str:
 
 # -- data.load (the writers are in sinks.py) ----------------------------------------------------------------------------
 
-@action("data.load", kind="step")
+def _output_format(path: str | Path, format: str | None) -> str | None:
+    suffix = Path(str(path)).suffix.lower()
+    return _ALIASES.get(str(format).lower(), str(format).lower()) if format else (
+        "csv" if suffix == ".csv" else "parquet" if suffix in ("", ".parquet", ".pq") else None)
+
+
+def _load_input_format(params: Mapping[str, Any]) -> str | None:
+    """Parquet written with data.load's defaults: its input's parts can be copied as they are."""
+    plain = not set(params) - {"path", "format", "overwrite"}
+    return "parquet" if plain and _output_format(params.get("path", ""), params.get("format")) == "parquet" \
+        else None
+
+
+@action("data.load", kind="step", input_format=_load_input_format)
 def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool = True,
          **write_kwargs) -> Effect:
     """Write a Parquet dataset (a folder of part files) or one CSV file, atomically."""
     dest = ctx.path(path)
-    fmt = _ALIASES.get(str(format).lower(), str(format).lower()) if format else (
-        "csv" if dest.suffix.lower() == ".csv" else
-        "parquet" if dest.suffix.lower() in ("", ".parquet", ".pq") else None)
+    fmt = _output_format(dest, format)
     if fmt not in ("csv", "parquet"):
         raise StepError(f"data.load: can't write '{path}': use a .csv file, a .parquet folder, "
                         "or add format: (csv | parquet)", {"path": str(dest), "format": format})
@@ -439,7 +450,8 @@ def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool
         from nbflow.engine.chunks import checkpoint_parts
 
         parts = checkpoint_parts(ctx.input)
-        if parts:  # the upstream checkpoint as is: its part files may already be the output
+        if parts and writer.encodes_like(parts[0]):
+            # the upstream checkpoint as is, already encoded as the output would be: copy it
             import dask.dataframe as dd
 
             chunks = dd.from_map(copy_part, list(parts), list(range(len(parts))), args=[writer],

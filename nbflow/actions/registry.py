@@ -42,6 +42,9 @@ class Action:
     #: default for the step's ``streaming`` setting when the workflow gives none
     streaming: bool = True
     description: str = ""
+    #: ``f(params) -> "parquet" | "arrow" | None``: the checkpoint format this action
+    #: would like its input in (data.load to Parquet copies Parquet parts as they are)
+    input_format: Callable[[Mapping[str, Any]], str | None] | None = field(default=None, compare=False)
 
     def fingerprint(self) -> str:
         """A hash of the action's code: its source text where Python can find it.
@@ -108,7 +111,8 @@ class Effect:
 _REGISTRY: dict[str, Action] = {}
 
 
-def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = True):
+def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = True,
+           input_format: Callable[[Mapping[str, Any]], str | None] | None = None):
     """Register a function as a workflow action.
 
     >>> @action("demo.double")
@@ -122,7 +126,7 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
 
     def register(func: Callable) -> Callable:
         key = name or func.__name__
-        _REGISTRY[key] = Action(key, func, kind, streaming, (func.__doc__ or "").strip())
+        _REGISTRY[key] = Action(key, func, kind, streaming, (func.__doc__ or "").strip(), input_format)
         func.__nbflow_action__ = _REGISTRY[key]
         return func
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from nbflow.actions.registry import Effect
 from nbflow.errors import StepError
+from nbflow.parts import checkpoint_format, format_of, part_name, part_rows, read_part, write_part
 
 WRITE_META = pd.DataFrame({"chunk": pd.Series(dtype="int64"), "records": pd.Series(dtype="int64"),
                             "bytes": pd.Series(dtype="int64")})
@@ -28,6 +29,13 @@ def parquet_sink(ddf, dest: str | Path, *, compression: str = "snappy", **write_
     """
     writer = AtomicWriter(Path(dest), "parquet", {"compression": compression, **write_options})
     return sink(ddf, writer)
+
+
+def checkpoint_sink(ddf, dest: str | Path, fmt: str | None = None) -> Effect:
+    """A step's checkpoint: ``ddf`` as part files in the checkpoint format, atomically."""
+    fmt = fmt or checkpoint_format()
+    options = {"compression": "snappy"} if fmt == "parquet" else {}
+    return sink(ddf, AtomicWriter(Path(dest), fmt, options))
 
 
 def sink(ddf, writer: AtomicWriter) -> Effect:
@@ -44,7 +52,10 @@ def copy_part(source: str, chunk: int, writer: AtomicWriter) -> pd.DataFrame:
 
 
 class AtomicWriter:
-    """Part files in ``<dest>.tmp-<id>``, committed by a rename (or a concatenation for CSV)."""
+    """Part files in ``<dest>.tmp-<id>``, committed by a rename (or a concatenation for CSV).
+
+    ``fmt``: ``parquet`` or ``arrow`` (a folder of part files), or ``csv`` (one file).
+    """
 
     def __init__(self, dest: Path, fmt: str, options: dict, columns: list[str] | None = None,
                  *, overwrite: bool = True):
@@ -61,38 +72,46 @@ class AtomicWriter:
 
     def part(self, df: pd.DataFrame, chunk: int) -> pd.DataFrame:
         self.tmp.mkdir(parents=True, exist_ok=True)
-        path = self.tmp / f"part-{chunk:05d}.{self.fmt}"
-        if self.fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, **self.options)
-        else:
+        if self.fmt == "csv":
             import pyarrow as pa
             import pyarrow.csv as pacsv
 
+            path = self.tmp / f"part-{chunk:05d}.csv"
             # pyarrow writes CSV ~15x faster than DataFrame.to_csv
             table = pa.Table.from_pandas(df, preserve_index=False)
             pacsv.write_csv(table, path, self._csv_options(include_header=False))
-        return pd.DataFrame({"chunk": [chunk], "records": [len(df)], "bytes": [path.stat().st_size]})
+            size = path.stat().st_size
+        else:
+            size = write_part(df, self.tmp / part_name(chunk, self.fmt), self.fmt, **self.options)
+        return pd.DataFrame({"chunk": [chunk], "records": [len(df)], "bytes": [size]})
+
+    @property
+    def _suffix(self) -> str:
+        return "csv" if self.fmt == "csv" else part_name(0, self.fmt).rsplit(".", 1)[1]
 
     def copy(self, source: str | Path, chunk: int) -> pd.DataFrame:
-        """Part ``chunk`` from a Parquet file: copied as is when it is encoded the way
-        this writer would encode it (same compression, no other options), else
-        read and written again. The copy saves decoding and re-encoding every value."""
+        """Part ``chunk`` from a checkpoint's part file: copied as is when it is encoded
+        the way this writer would encode it (same format and compression, no other
+        options), else read and written again. The copy saves decoding and
+        re-encoding every value."""
+        if not self.encodes_like(source):
+            return self.part(read_part(source), chunk)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        path = self.tmp / part_name(chunk, self.fmt)
+        shutil.copyfile(source, path)  # a copy, not a link: the checkpoint stays the cache's own
+        return pd.DataFrame({"chunk": [chunk], "records": [part_rows(path)], "bytes": [path.stat().st_size]})
+
+    def encodes_like(self, source: str | Path) -> bool:
+        """True if the part file ``source`` is what this writer would write for its data."""
+        if self.fmt == "csv" or format_of(source) != self.fmt:
+            return False
+        if self.fmt == "arrow":
+            return not self.options
+        if set(self.options) - {"compression"}:
+            return False
         import pyarrow.parquet as pq
 
         meta = pq.read_metadata(source)
-        if not self._encodes_like(meta):
-            return self.part(pd.read_parquet(source, engine="pyarrow"), chunk)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        path = self.tmp / f"part-{chunk:05d}.{self.fmt}"
-        shutil.copyfile(source, path)  # a copy, not a link: the checkpoint stays the cache's own
-        return pd.DataFrame({"chunk": [chunk], "records": [meta.num_rows], "bytes": [path.stat().st_size]})
-
-    def _encodes_like(self, meta) -> bool:
-        if self.fmt != "parquet" or set(self.options) - {"compression"}:
-            return False
         codec = str(self.options.get("compression") or "none").upper()
         codec = "UNCOMPRESSED" if codec == "NONE" else codec
         return all(meta.row_group(g).column(c).compression == codec
@@ -101,7 +120,7 @@ class AtomicWriter:
     def commit(self, results: pd.DataFrame | None = None) -> dict:
         if self._result is not None:  # finish may be called again after a retry
             return self._result
-        parts = sorted(self.tmp.glob(f"part-*.{self.fmt}")) if self.tmp.is_dir() else []
+        parts = sorted(self.tmp.glob(f"part-*.{self._suffix}")) if self.tmp.is_dir() else []
         expected = len(results) if results is not None else len(parts)
         if len(parts) != expected:
             self.abort()
@@ -112,7 +131,7 @@ class AtomicWriter:
             raise StepError(f"data.load: '{self.dest}' appeared while the step ran and overwrite "
                             "is false; it was left unchanged", {"path": str(self.dest)})
         records = int(results["records"].sum()) if results is not None else None
-        if self.fmt == "parquet":
+        if self.fmt != "csv":
             size = sum(p.stat().st_size for p in parts)
             self._swap_in()
         else:

@@ -8,10 +8,10 @@ from typing import Any, Mapping
 import dask
 import dask.dataframe as dd
 import pandas as pd
-import pyarrow.parquet as pq
 
 from nbflow.actions.registry import Action, Effect, StepContext
 from nbflow.errors import StepError
+from nbflow.parts import part_files, part_schema, read_part
 from nbflow.store import read_checkpoint_meta
 
 #: records per chunk used for ``chunk_size: auto`` until the first chunk is measured
@@ -30,10 +30,10 @@ def open_checkpoint(path: str | None, step: str) -> dd.DataFrame:
     if meta.get("empty"):
         raise StepError(f"step '{step}' writes its data elsewhere and has no output for the "
                         "steps that need it", {"step": step})
-    files = sorted(str(f) for f in Path(path).glob("part-*.parquet"))
+    files = [str(f) for f in part_files(path)]
     if not files:
         raise StepError(f"the output of step '{step}' has no data files at {path}", {"step": step})
-    empty = pq.read_schema(files[0]).empty_table().to_pandas()
+    empty = part_schema(files[0]).empty_table().to_pandas()
     ddf = dd.from_map(_read_part, files, meta=empty, enforce_metadata=False)
     with _PARTS_LOCK:  # steps open their inputs from several threads
         _PARTS[ddf._name] = tuple(files)
@@ -59,7 +59,7 @@ def checkpoint_parts(ddf) -> tuple[str, ...] | None:
 
 def _read_part(path: str, columns: list[str] | None = None) -> pd.DataFrame:
     # the columns parameter lets Dask push a column selection into the read
-    return pd.read_parquet(path, engine="pyarrow", columns=columns)
+    return read_part(path, columns)
 
 
 class ChunksCancelled(Exception):
@@ -164,9 +164,9 @@ def bytes_per_record(frame: pd.DataFrame) -> float:
     return float(frame.memory_usage(deep=True, index=False).sum()) / len(frame)
 
 
-def checkpoint_effect(result, dest: Path, chunk_size: int) -> Effect:
-    """Write a step's output as its checkpoint: Parquet parts, committed atomically."""
-    from nbflow.actions.sinks import parquet_sink
+def checkpoint_effect(result, dest: Path, chunk_size: int, fmt: str | None = None) -> Effect:
+    """Write a step's output as its checkpoint: part files, committed atomically."""
+    from nbflow.actions.sinks import checkpoint_sink
 
     if result is None:
         return Effect(chunks=None, finish=lambda _results: {"records_out": 0})
@@ -175,4 +175,4 @@ def checkpoint_effect(result, dest: Path, chunk_size: int) -> Effect:
     if not isinstance(result, dd.DataFrame):
         raise TypeError(f"the action returned {type(result).__name__}; return a pandas or Dask DataFrame "
                         "(or None for an action that only writes)")
-    return parquet_sink(result, dest)
+    return checkpoint_sink(result, dest, fmt)

@@ -25,6 +25,7 @@ from nbflow.engine import chunks
 from nbflow.engine.limits import auto_chunk_size
 from nbflow.engine.memory import release_memory, reset_async_signal
 from nbflow.errors import MemoryBudgetExceeded, RunInterrupted, StepError
+from nbflow.parts import checkpoint_format
 from nbflow.plan import Plan, PlannedStep
 from nbflow.store import CHECKPOINT_META, RunDir, read_checkpoint_meta, write_json_atomic
 from nbflow.tracebacks import format_exception, user_frame
@@ -222,7 +223,7 @@ class Executor:
         stop = self.cancel if local_guard is not None or guard is None else _Stop(self.cancel, guard)
         result = chunks.apply_action(p.action, ctx, p.params, self.backend, stop, local_guard)
         effect = (result if isinstance(result, Effect)
-                  else chunks.checkpoint_effect(result, dest, ctx.chunk_size))
+                  else chunks.checkpoint_effect(result, dest, ctx.chunk_size, self._format_for(p)))
 
         def on_chunk(index: int, frame) -> None:
             n = int(frame["records"].sum()) if isinstance(frame, pd.DataFrame) and "records" in frame else 0
@@ -269,6 +270,19 @@ class Executor:
         self.run_dir.discard_stale_checkpoints(p.name, keep=dest)
         return {**info, "records_out": meta["records_out"], "checkpoint": str(dest)}
 
+
+    def _format_for(self, p: PlannedStep) -> str:
+        """The checkpoint format every step that reads ``p`` asks for, else the default.
+
+        A step whose only reader is a data.load to Parquet checkpoints in Parquet, so
+        the load copies its parts instead of decoding and encoding every value again.
+        """
+        readers = [self.plan.steps[s.name] for s in self.plan.workflow.steps
+                   if p.name in s.needs and s.name in self.plan.steps]
+        wanted = {r.action.input_format(r.params) if r.action.input_format else None for r in readers}
+        if len(wanted) == 1 and None not in wanted:
+            return wanted.pop()
+        return checkpoint_format()
 
     def _auto_chunk_size(self, p: PlannedStep, ctx: StepContext, budget: int | None) -> int:
         """``chunk_size: auto``: records per chunk from the budget and a measured sample."""

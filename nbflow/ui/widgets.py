@@ -27,10 +27,12 @@ PLOT_INTERVAL = 0.5
 class StepRow:
     def __init__(self, name: str):
         self.name = name
-        self.status = w.HTML(layout=w.Layout(width="115px"))
-        self.label = w.HTML(f"<b>{report.esc(name)}</b>", layout=w.Layout(width="190px"))
-        self.progress = w.FloatProgress(value=0, min=0, max=1, layout=w.Layout(width="160px"))
-        self.figures = w.HTML(layout=w.Layout(width="auto"))
+        # fixed columns (flex 0 0) line the rows up whatever their text; the figures take the rest
+        self.status = w.HTML(layout=w.Layout(width="115px", flex="0 0 115px"))
+        self.label = w.HTML(f"<b>{report.esc(name)}</b>", layout=w.Layout(width="190px", flex="0 0 190px"))
+        self.progress = w.FloatProgress(value=0, min=0, max=1,
+                                        layout=w.Layout(width="160px", flex="0 0 160px"))
+        self.figures = w.HTML(layout=w.Layout(width="auto", flex="1 1 auto"))
         self.box = w.HBox([self.status, self.label, self.progress, self.figures])
         self.box.add_class("nbflow-step")
         self._status_class: str | None = None

@@ -1,0 +1,115 @@
+"""The part files that hold a checkpoint's data: one file per chunk, Arrow IPC or Parquet.
+
+Checkpoints are written as uncompressed Arrow IPC files (``part-00000.arrow``) by
+default: a checkpoint is a cache the next step reads at once and a rerun reads
+again, and in IPC writing 100,000 demo records takes ~14 ms against ~39 ms for
+snappy Parquet, reading them ~2 ms against ~15-19 ms. The price is disk: about
+the data's size in memory, ~6x snappy Parquet for the demo records (135 MB per
+million). ``NBFLOW_CHECKPOINT_FORMAT=parquet`` trades that back. Readers accept
+both, so checkpoints written either way stay usable.
+
+Both formats keep the pandas metadata Arrow records, so a chunk reads back with
+the dtypes it was written with.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+FORMATS = ("arrow", "parquet")
+_SUFFIX = {"arrow": ".arrow", "parquet": ".parquet"}
+
+
+def checkpoint_format() -> str:
+    """The format new checkpoints are written in: ``$NBFLOW_CHECKPOINT_FORMAT`` or arrow."""
+    fmt = os.environ.get("NBFLOW_CHECKPOINT_FORMAT", "arrow").strip().lower() or "arrow"
+    if fmt not in FORMATS:
+        raise ValueError(f"NBFLOW_CHECKPOINT_FORMAT={fmt!r}: use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def part_name(chunk: int, fmt: str) -> str:
+    return f"part-{chunk:05d}{_SUFFIX[fmt]}"
+
+
+def part_files(folder: str | Path) -> list[Path]:
+    """A checkpoint folder's part files in chunk order (either format)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob("part-*") if p.suffix in (".arrow", ".parquet"))
+
+
+def format_of(path: str | Path) -> str:
+    return "parquet" if str(path).endswith(".parquet") else "arrow"
+
+
+def write_part(df: pd.DataFrame, path: str | Path, fmt: str, **options) -> int:
+    """Write one chunk; returns its size in bytes. ``options`` go to Parquet's writer."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path, **options)
+    else:
+        from pyarrow import ipc
+
+        with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    return Path(path).stat().st_size
+
+
+def read_part(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """One chunk as pandas reads it (``columns``: only those)."""
+    if format_of(path) == "parquet":
+        return pd.read_parquet(path, engine="pyarrow", columns=columns)
+    import pyarrow as pa
+    from pyarrow import ipc
+
+    with pa.OSFile(str(path), "rb") as source:
+        table = ipc.open_file(source).read_all()
+    if columns is not None:
+        table = table.select(list(columns))
+    return table.to_pandas()
+
+
+def part_schema(path: str | Path):
+    """The Arrow schema of a part file, read from its footer."""
+    import pyarrow as pa
+
+    if format_of(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(path)
+    from pyarrow import ipc
+
+    with pa.memory_map(str(path)) as source:
+        return ipc.open_file(source).schema
+
+
+def part_rows(path: str | Path) -> int:
+    """Records in a part file, without decoding its values."""
+    import pyarrow as pa
+
+    if format_of(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    from pyarrow import ipc
+
+    with pa.memory_map(str(path)) as source:  # mapped: a batch's header, not its data
+        reader = ipc.open_file(source)
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
+def read_head(path: str | Path, rows: int) -> pd.DataFrame:
+    """The first ``rows`` records of a part file."""
+    if format_of(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=max(1, rows)):
+            return batch.to_pandas()
+        return part_schema(path).empty_table().to_pandas()
+    return read_part(path).head(max(0, rows))
