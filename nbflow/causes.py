@@ -185,8 +185,8 @@ def _available() -> int:
 def factors(ctx: Context, model: MemoryModel | None) -> list[Factor]:
     found: list[Factor] = []
     for rule in (_in_memory, _input_too_large, _chunk_too_large, _allocation, _objects, _copies,
-                 _skew, _more_records, _schema, _missing_input, _missing_column, _parameter_type,
-                 _retries):
+                 _skew, _more_records, _schema, _missing_input, _dtype_drift, _missing_column,
+                 _parameter_type, _retries):
         result = _quietly(lambda rule=rule: rule(ctx, model), None)
         if isinstance(result, Factor):
             found.append(result)
@@ -342,6 +342,18 @@ def _missing_input(ctx: Context, model) -> Factor | None:
     close = f"; nearest existing: {', '.join(near)}" if near else "; nothing with a similar name is there"
     return Factor("missing-input", f"no file matches '{ctx.step_spec.params.get('path')}' "
                   f"({ctx.details.get('path')}){close}", {"path": ctx.details.get("path"), "near": near})
+
+
+def _dtype_drift(ctx: Context, model) -> Factor | None:
+    """A column read as one dtype from the file's first rows holds other values further on."""
+    column = ctx.details.get("column")
+    if ctx.step_spec.action != "data.extract" or not column or "expected" not in ctx.details:
+        return None
+    offset = ctx.details.get("offset") or 0
+    return Factor("dtype-drift",
+                  f"column '{column}' was read as {ctx.details['expected']} from the first rows of "
+                  f"{ctx.details.get('path')}; from byte {offset:,} on it has {ctx.details.get('found')}",
+                  {k: ctx.details.get(k) for k in ("column", "expected", "found", "offset", "path")})
 
 
 def _missing_column(ctx: Context, model) -> Factor | None:

@@ -22,7 +22,8 @@ _NUMERIC = ("int64", "int32", "int", "float64", "float")
 
 def options(ctx: Context, model: MemoryModel | None) -> list[Fix]:
     found: list[Fix] = []
-    for build in (_memory, _schema, _missing_input, _missing_column, _parameter_type, _retries):
+    for build in (_memory, _schema, _missing_input, _read_dtype, _missing_column, _parameter_type,
+                  _retries):
         try:
             found.extend(build(ctx, model) or [])
         except Exception:  # one broken builder must not cost the others
@@ -242,6 +243,22 @@ def _missing_input(ctx: Context, model) -> list[Fix]:
         change = {"path": target}
     return [_fix(ctx, edits, kind="parameters", change=change, title=title, estimate=estimate,
                  confidence=confidence)]
+
+
+def _read_dtype(ctx: Context, model) -> list[Fix]:
+    """data.extract found values its sampled dtype can't hold: read the column as one that can."""
+    wanted = (ctx.details.get("fix") or {}).get("dtype")
+    if ctx.step_spec.action != "data.extract" or not isinstance(wanted, dict) or not wanted:
+        return []
+    current = ctx.step_spec.params.get("dtype")
+    dtype = {**(current if isinstance(current, dict) else {}), **wanted}
+    path = _step_path(ctx, ctx.step, "params")
+    (column, kind), = wanted.items()
+    return [_fix(ctx, [("set_key", path, "dtype", dtype)] if path else None, kind="parameters",
+                 change={"dtype": dtype}, title=f"Read '{column}' as {kind}",
+                 estimate=(f"every value of '{column}' fits {kind}"
+                           + (" (its gaps become NaN)" if kind == "float64" else "")),
+                 confidence=0.85)]
 
 
 def _missing_column(ctx: Context, model) -> list[Fix]:

@@ -297,6 +297,26 @@ def test_missing_input_file_suggests_the_near_match(csv_in_workdir):
     assert run.status == "completed" and run.records["t"].records_out == 1000
 
 
+def test_a_gap_far_into_a_column_of_whole_numbers_gets_the_dtype_that_reads_it(workdir):
+    # 40,000 whole numbers, then one empty value: past the 256 kB the dtypes are read from
+    rows = ["id,qty"] + [f"{i},{i % 7}" for i in range(40_000)] + ["40000,"]
+    (workdir / "qty.csv").write_text("\n".join(rows) + "\n")
+    run = nbflow.run(_wf(extract(10_000, "qty.csv"), """  - name: t
+    action: data.load
+    needs: extract
+    params: {path: out.parquet}"""), log=False)
+    rc = run.root_cause
+    assert (rc.step, rc.error_type) == ("extract", "StepError")
+    drift = rules(rc)["dtype-drift"].evidence
+    assert (drift["column"], drift["expected"], drift["found"]) == ("qty", "int64", "empty values")
+    top = rc.resolution_options[0]
+    assert top.change == {"dtype": {"qty": "float64"}} and top.title == "Read 'qty' as float64"
+    assert changed_lines(top.diff)[1] == ["    params: {path: qty.csv, chunk_size: 10000, dtype: {qty: float64}}"]
+    run.rerun(run.apply_fix(0))
+    assert run.status == "completed" and run.records["t"].records_out == 40_001
+    assert pd.read_parquet(workdir / "out.parquet")["qty"].isna().sum() == 1
+
+
 def scale(df, factor):
     return df.assign(amount=df["amount"] * factor)
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import pandas as pd
 from pandas.api import types as pdt
 
+from nbflow.actions import csvread
 from nbflow.actions.registry import Effect, StepContext, action
 from nbflow.actions.sinks import WRITE_META, AtomicWriter, copy_part, sink
 from nbflow.errors import InputNotFound, SchemaError, StepError
@@ -27,10 +28,6 @@ _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parque
              ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 _ALIASES = {"json": "jsonl", "ndjson": "jsonl", "pq": "parquet", "text": "csv"}
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
-_SAMPLE = 64 * 1024
-#: CSV/JSONL blocks are sized for this share of ``chunk_size`` rows, so a part of
-#: the file with rows up to ~10% shorter than the sampled ones still fits a chunk
-_MARGIN = 0.9
 
 
 # -- data.extract -------------------------------------------------------------------------
@@ -44,8 +41,9 @@ def extract(ctx: StepContext, path: str, format: str | None = None,
     compressed files (cut after counting lines) and ``streaming: false``; CSV and JSONL
     are cut in byte ranges sized from the first 64 KB's row length with a 10% margin,
     so about 85-90% of ``chunk_size``, more only where rows are >10% shorter than the
-    sample. Dask infers CSV dtypes from the first 256 KB: a column that turns out
-    otherwise later fails the read ("Mismatched dtypes"); pass ``dtype`` to fix it.
+    sample. CSV is parsed by Arrow where that gives what pandas would (``csvread.py``),
+    else by pandas through Dask. Either way dtypes come from the first 256 KB: a column
+    that turns out otherwise later fails the read, naming the ``dtype`` that fixes it.
     """
     import dask.dataframe as dd
 
@@ -80,18 +78,19 @@ def extract(ctx: StepContext, path: str, format: str | None = None,
     if any(f.name.lower().endswith(_COMPRESSED) for f in files):
         # a compressed file can't be split by byte ranges: read each whole, then cut it in
         # even pieces; counting its lines first bounds every piece by chunk_size
-        lines = max(_count_lines(f) for f in files)
+        lines = max(csvread.count_lines(f) for f in files)
         reader = dd.read_json if fmt == "jsonl" else dd.read_csv
         kwargs = {"lines": True} if fmt == "jsonl" else {}
         ddf = reader(names, blocksize=None, **kwargs, **read_kwargs)
         ddf = ddf.repartition(npartitions=len(files) * max(1, math.ceil(lines / chunk)))
     else:
-        per_row = min(_bytes_per_row(f, header=fmt != "jsonl") for f in files[:8])
-        blocksize = _blocksize([f.stat().st_size for f in files], chunk * per_row * _MARGIN)
+        blocksize = csvread.blocksize_for(files, chunk, header=fmt != "jsonl")
         if fmt == "jsonl":
             ddf = dd.read_json(names, lines=True, blocksize=blocksize, **read_kwargs)
-        else:
-            ddf = dd.read_csv(names, blocksize=blocksize, **read_kwargs)
+        else:  # Arrow's parser where it gives what pandas' would, else pandas' through Dask
+            ddf = csvread.read_csv(files, blocksize, read_kwargs)
+            if ddf is None:
+                ddf = dd.read_csv(names, blocksize=blocksize, **read_kwargs)
     if columns is not None and fmt == "jsonl":
         ddf = ddf[list(columns)]
     return ddf
@@ -166,40 +165,6 @@ def _parquet_files(paths: list[Path]) -> list[Path]:
         else:
             files.append(path)
     return files
-
-
-def _bytes_per_row(path: Path, header: bool) -> float:
-    """Average row length in the first ~64 KB (a lower bound of 64 KB for longer rows)."""
-    with open(path, "rb") as f:
-        sample = f.read(_SAMPLE)
-    end = sample.rfind(b"\n") + 1 if len(sample) == _SAMPLE else len(sample)
-    body = sample[:end]
-    if header:
-        body = body[body.find(b"\n") + 1:] if b"\n" in body else b""
-    rows = body.count(b"\n") + (0 if body.endswith(b"\n") or not body else 1)
-    return len(body) / rows if rows else float(max(len(sample), 1))
-
-
-def _blocksize(sizes: list[int], target: float) -> int:
-    """The ``blocksize`` that gives dask blocks of at most ``target`` bytes.
-
-    Dask cuts a file into ``size // blocksize`` blocks and spreads the remainder
-    over them, so a block can be up to twice ``blocksize``: ask for the block
-    size that divides each large file evenly into ``ceil(size / target)`` blocks.
-    """
-    target = max(256.0, target)
-    return max(256, int(min((s / math.ceil(s / target) for s in sizes if s > target),
-                            default=target)))
-
-
-def _count_lines(path: Path) -> int:
-    import fsspec
-
-    count = 0
-    with fsspec.open(str(path), "rb", compression="infer") as f:
-        while block := f.read(1 << 22):
-            count += block.count(b"\n")
-    return count + 1
 
 
 def _read_parquet(files: list[Path], columns: list[str] | None, chunk: int):
