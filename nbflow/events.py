@@ -65,6 +65,8 @@ class StepStarted(Event):
     max_memory: int | None = None
     streaming: bool | None = None
     records_in: int | None = None
+    #: the other steps it runs with chunk by chunk, as one pass (nbflow/engine/fusion.py)
+    pass_with: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,7 +36,9 @@ class Status(str, enum.Enum):
 #: the transitions a step may take within one attempt; a new attempt resets to PENDING
 TRANSITIONS = {
     Status.PENDING: {Status.RUNNING, Status.SKIPPED, Status.REUSED, Status.CANCELLED},
-    Status.RUNNING: {Status.RUNNING, Status.COMPLETED, Status.FAILED, Status.CANCELLED},
+    # running -> skipped: a step fused into one pass with the step before it started with
+    # it, and that step failed (nbflow/engine/fusion.py)
+    Status.RUNNING: {Status.RUNNING, Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.SKIPPED},
     Status.COMPLETED: set(),
     Status.FAILED: set(),
     Status.CANCELLED: set(),

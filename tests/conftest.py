@@ -34,6 +34,13 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def csv_in_workdir(workdir, records_csv) -> Path:
+    """records.csv in the working directory (what the test workflows' input_path names)."""
+    (workdir / "records.csv").write_bytes(records_csv.read_bytes())
+    return workdir
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads():
     """Every sampler, pool and step thread nbflow starts is stopped by the time a test ends."""

@@ -55,9 +55,12 @@ def remote_cluster(tmp_path):
         yield client
     finally:
         client.close()
-        for proc in procs:
+        for proc in reversed(procs):  # the worker first, while its scheduler still answers
             proc.terminate()
-        psutil.wait_procs(procs, timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:  # a worker whose scheduler left first can hang in its goodbye
+            proc.kill()
+        psutil.wait_procs(alive, timeout=10)
 
 
 def hold(df, mb: int = 300, seconds: float = 1.5):

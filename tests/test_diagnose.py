@@ -36,12 +36,6 @@ def extract(chunk: int = 250, path: str = '"{input_path}"') -> str:
     params: {{path: {path}, chunk_size: {chunk}}}"""
 
 
-@pytest.fixture
-def csv_in_workdir(workdir, records_csv):
-    (workdir / "records.csv").write_bytes(records_csv.read_bytes())
-    return workdir
-
-
 def rules(rc: RootCause) -> dict[str, Factor]:
     return {f.rule: f for f in rc.contributing_factors}
 
@@ -395,7 +389,8 @@ def test_cascade_points_dependents_at_the_root(csv_in_workdir):
     assert "Skipped because of it: load, report" in run.summary()
 
 
-def test_interrupted_run_says_what_was_cancelled_and_what_is_kept(csv_in_workdir):
+def test_interrupted_run_says_what_was_cancelled_and_what_is_kept(csv_in_workdir, monkeypatch):
+    monkeypatch.setenv("NBFLOW_FUSE", "0")  # extract finishes before slow starts
     started = threading.Event()
 
     def slow(df):

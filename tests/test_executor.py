@@ -38,12 +38,6 @@ def _collect(handle_events: list):
     return observer
 
 
-@pytest.fixture
-def csv_in_workdir(workdir, records_csv):
-    (workdir / "records.csv").write_bytes(records_csv.read_bytes())
-    return workdir
-
-
 def test_chunkwise_function_sees_at_most_chunk_size_rows(csv_in_workdir):
     sizes = []
 
@@ -132,33 +126,68 @@ def test_failure_skips_dependents_but_finishes_other_branches(csv_in_workdir):
         handle.raise_for_status()
 
 
-def _cancelled_after_first_chunk(extract_chunk: int, step_params: str, pause: float):
-    """Run extract → slow, cancelling from another thread once slow's first chunk started."""
-    started = threading.Event()
-    seen_chunks = []
+def _cancelled_after_first_chunk(extract_chunk: int, step_params: str, pause: float,
+                                 after_extract: bool = False):
+    """Run extract → slow, cancelling from another thread once slow's first chunk started
+    (``after_extract``: and every chunk of extract was written)."""
+    started, extracted, cancelled = threading.Event(), threading.Event(), threading.Event()
+    seen_chunks, starts = [], []
 
     def slow(df):
         seen_chunks.append(len(df))
+        if after_extract:
+            if len(seen_chunks) > 1:
+                return df  # the other thread goes on with extract and slow
+            # the first chunk holds out until extract is written and the cancel is in
+            extracted.wait(10)
+            started.set()
+            cancelled.wait(10)
+            return df
         started.set()
         time.sleep(pause)
         return df
+
+    def observe(event):
+        if isinstance(event, ev.StepStarted) or isinstance(event, ev.ChunkDone) and not starts[-1:] == ["chunk"]:
+            starts.append(event.step if isinstance(event, ev.StepStarted) else "chunk")
+        if isinstance(event, ev.ChunkDone) and event.step == "extract" \
+                and event.chunks_done == event.chunks_total:
+            extracted.set()
 
     spec = nbflow.parse(_wf(EXTRACT.replace("250", str(extract_chunk)), f"""  - name: slow
     action: slow
     needs: extract{step_params}"""), namespace={"slow": slow})
     run_dir, handle = _handle(spec, {"slow": slow})
-    threading.Thread(target=lambda: (started.wait(10), handle.cancel()), name="canceller").start()
+    handle.observers.append(observe)
+    threading.Thread(target=lambda: (started.wait(10), handle.cancel(), cancelled.set()),
+                     name="canceller").start()
     handle.execute()
     assert handle.status == "cancelled"
     assert handle.records["slow"].status is Status.CANCELLED
     assert not list(run_dir.path.glob("checkpoints/slow-*/_nbflow.json"))
+    handle.starts = starts
     return handle, seen_chunks
 
 
-def test_cancel_stops_new_chunks_and_commits_nothing(csv_in_workdir):
+def test_cancel_stops_new_chunks_and_commits_nothing(csv_in_workdir, monkeypatch):
+    monkeypatch.setenv("NBFLOW_FUSE", "0")  # one step after the other: extract is done first
     handle, seen_chunks = _cancelled_after_first_chunk(50, "", pause=0.2)
     assert len(seen_chunks) < 20  # 1,000 rows in chunks of 50: it stopped early
     # the next attempt runs it again and reuses extract
+    handle.rerun()
+    assert handle.status == "completed"
+    assert handle.records["extract"].status is Status.REUSED
+    assert handle.records["slow"].status is Status.COMPLETED
+
+
+def test_cancel_in_a_pass_keeps_the_steps_it_finished(csv_in_workdir):
+    # extract and slow run as one pass (nbflow/engine/fusion.py); the cancel lands once
+    # extract wrote its last chunk: extract is committed, slow is not
+    handle, seen_chunks = _cancelled_after_first_chunk(50, "", pause=0.2, after_extract=True)
+    # both started before either wrote a chunk
+    assert handle.starts[:3] == ["extract", "slow", "chunk"]
+    assert handle.records["extract"].status is Status.COMPLETED
+    assert handle.records["slow"].chunks_done < handle.records["slow"].chunks_total
     handle.rerun()
     assert handle.status == "completed"
     assert handle.records["extract"].status is Status.REUSED

@@ -24,12 +24,6 @@ def _wf(*steps: str) -> str:
     return "name: plots\nparameters: {input_path: records.csv}\nsteps:\n" + "\n".join(steps)
 
 
-@pytest.fixture
-def csv_in_workdir(workdir, records_csv):
-    (workdir / "records.csv").write_bytes(records_csv.read_bytes())
-    return workdir
-
-
 def one(fig_or_ax, gid: str):
     found = fig_or_ax.findobj(lambda a: a.get_gid() == gid)
     assert len(found) == 1, f"{len(found)} artists with gid {gid!r}"

@@ -32,7 +32,7 @@ _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 # -- data.extract -------------------------------------------------------------------------
 
-@action("data.extract", kind="step")
+@action("data.extract", kind="step", chunkwise=True)
 def extract(ctx: StepContext, path: str, format: str | None = None,
             columns: list[str] | None = None, **read_kwargs) -> Any:
     """Read CSV/TSV, Parquet or JSON Lines (a file, a directory or a glob) in chunks.
@@ -225,7 +225,7 @@ _PROBLEMS_META = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("chunk", "cou
                                             else "str") for c in _PROBLEM_COLUMNS})
 
 
-@action("data.validate", kind="step")
+@action("data.validate", kind="step", chunkwise=True)
 def validate(ctx: StepContext, schema: Mapping[str, Any], **_) -> Effect:
     """Check columns, dtypes and nulls chunk by chunk; fail with every problem found."""
     rules = _rules(schema)

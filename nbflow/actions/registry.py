@@ -45,6 +45,10 @@ class Action:
     #: ``f(params) -> "parquet" | "arrow" | None``: the checkpoint format this action
     #: would like its input in (data.load to Parquet copies Parquet parts as they are)
     input_format: Callable[[Mapping[str, Any]], str | None] | None = field(default=None, compare=False)
+    #: a ``step`` action whose chunk i depends on its input's chunk i alone (or that reads a
+    #: source in chunks): the engine may run it in one pass with its neighbours, like a
+    #: ``chunk`` action (see ``nbflow/engine/fusion.py``)
+    chunkwise: bool = field(default=False, compare=False)
 
     def fingerprint(self) -> str:
         """A hash of the action's code: its source text where Python can find it.
@@ -97,6 +101,8 @@ class Effect:
     calls ``finish(results)``, which raises to fail the step or returns a dict of
     facts for the step record (``records_out`` among them). ``output`` is what
     downstream steps read: the input itself for a check, ``None`` for a sink.
+    A check's ``finish`` (``passthrough``) only judges its frames: the engine may
+    also call it on one chunk's frame, to hold that chunk back from the next step.
     """
 
     chunks: Any
@@ -112,7 +118,8 @@ _REGISTRY: dict[str, Action] = {}
 
 
 def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = True,
-           input_format: Callable[[Mapping[str, Any]], str | None] | None = None):
+           input_format: Callable[[Mapping[str, Any]], str | None] | None = None,
+           chunkwise: bool = False):
     """Register a function as a workflow action.
 
     >>> @action("demo.double")
@@ -126,7 +133,8 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
 
     def register(func: Callable) -> Callable:
         key = name or func.__name__
-        _REGISTRY[key] = Action(key, func, kind, streaming, (func.__doc__ or "").strip(), input_format)
+        _REGISTRY[key] = Action(key, func, kind, streaming, (func.__doc__ or "").strip(), input_format,
+                                chunkwise)
         func.__nbflow_action__ = _REGISTRY[key]
         return func
 

@@ -31,11 +31,15 @@ def parquet_sink(ddf, dest: str | Path, *, compression: str = "snappy", **write_
     return sink(ddf, writer)
 
 
-def checkpoint_sink(ddf, dest: str | Path, fmt: str | None = None) -> Effect:
-    """A step's checkpoint: ``ddf`` as part files in the checkpoint format, atomically."""
-    fmt = fmt or checkpoint_format()
-    options = {"compression": "snappy"} if fmt == "parquet" else {}
-    return sink(ddf, AtomicWriter(Path(dest), fmt, options))
+def checkpoint_sink(ddf, dest: str | Path, fmt: str | None = None,
+                    writer: AtomicWriter | None = None) -> Effect:
+    """A step's checkpoint: ``ddf`` as part files in the checkpoint format, atomically
+    (``writer``: one that already holds some of its parts)."""
+    if writer is None:
+        fmt = fmt or checkpoint_format()
+        options = {"compression": "snappy"} if fmt == "parquet" else {}
+        writer = AtomicWriter(Path(dest), fmt, options)
+    return sink(ddf, writer)
 
 
 def sink(ddf, writer: AtomicWriter) -> Effect:

@@ -54,7 +54,11 @@ class LocalBackend:
 
     def compute_chunks(self, collection, on_chunk: OnChunk | None = None,
                        cancel: threading.Event | None = None) -> list:
-        parts = collection.to_delayed()
+        return self.compute_parts(collection.to_delayed(), on_chunk, cancel)
+
+    def compute_parts(self, parts: list, on_chunk: OnChunk | None = None,
+                      cancel: threading.Event | None = None) -> list:
+        """Compute Dask Delayed objects in one graph, reporting each as it lands."""
         index = {part.key: i for i, part in enumerate(parts)}
         callbacks = _ChunkCallbacks(index, on_chunk, cancel)
         # a pool per call: concurrent steps never queue behind each other's chunks
@@ -132,9 +136,12 @@ class DistributedBackend:
 
     def compute_chunks(self, collection, on_chunk: OnChunk | None = None,
                        cancel: threading.Event | None = None) -> list:
+        return self.compute_parts(collection.to_delayed(), on_chunk, cancel)
+
+    def compute_parts(self, parts: list, on_chunk: OnChunk | None = None,
+                      cancel: threading.Event | None = None) -> list:
         from distributed import as_completed
 
-        parts = collection.to_delayed()
         futures = self.client.compute(parts)
         index = {f.key: i for i, f in enumerate(futures)}
         results: list = [None] * len(futures)

@@ -1,6 +1,7 @@
 """How a step's data is read, transformed chunk by chunk, and checkpointed."""
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,6 +17,8 @@ from nbflow.store import read_checkpoint_meta
 
 #: records per chunk used for ``chunk_size: auto`` until the first chunk is measured
 DEFAULT_AUTO = 100_000
+#: the attribute naming the step token of the chunk function an exception came out of
+RAISED_IN = "_nbflow_raised_in"
 
 
 def open_checkpoint(path: str | None, step: str) -> dd.DataFrame:
@@ -88,9 +91,16 @@ class Tokenized:
             raise ChunksCancelled("the run was cancelled: no new chunk starts")
 
     def __call__(self, *args, chunk: int | None = None, **kwargs):
-        if self.guard is None:
-            return self.func(*args, **kwargs)
-        return self.guard.wrap(self.func, chunk=chunk)(*args, **kwargs)
+        try:
+            if self.guard is None:
+                return self.func(*args, **kwargs)
+            return self.guard.wrap(self.func, chunk=chunk)(*args, **kwargs)
+        except Exception as err:
+            # whose code raised: in a pass of several steps (engine/fusion.py) it tells them apart
+            if getattr(err, RAISED_IN, None) is None:
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(err, RAISED_IN, self.token)
+            raise
 
     def __reduce__(self):  # to a worker process: the function travels, the guard stays
         return (Tokenized, (self.func, self.token))
@@ -164,7 +174,8 @@ def bytes_per_record(frame: pd.DataFrame) -> float:
     return float(frame.memory_usage(deep=True, index=False).sum()) / len(frame)
 
 
-def checkpoint_effect(result, dest: Path, chunk_size: int, fmt: str | None = None) -> Effect:
+def checkpoint_effect(result, dest: Path, chunk_size: int, fmt: str | None = None,
+                      writer=None) -> Effect:
     """Write a step's output as its checkpoint: part files, committed atomically."""
     from nbflow.actions.sinks import checkpoint_sink
 
@@ -175,4 +186,4 @@ def checkpoint_effect(result, dest: Path, chunk_size: int, fmt: str | None = Non
     if not isinstance(result, dd.DataFrame):
         raise TypeError(f"the action returned {type(result).__name__}; return a pandas or Dask DataFrame "
                         "(or None for an action that only writes)")
-    return checkpoint_sink(result, dest, fmt)
+    return checkpoint_sink(result, dest, fmt, writer)

@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -21,7 +22,7 @@ import pandas as pd
 from nbflow import diagnose
 from nbflow import events as ev
 from nbflow.actions.registry import Effect, StepContext
-from nbflow.engine import chunks
+from nbflow.engine import chunks, fusion
 from nbflow.engine.limits import auto_chunk_size
 from nbflow.engine.memory import release_memory, reset_async_signal
 from nbflow.errors import MemoryBudgetExceeded, RunInterrupted, StepError
@@ -48,6 +49,15 @@ class _StepFailed(Exception):
     """Internal: a step failed for good (its events are already emitted)."""
 
 
+@dataclass
+class _Resume:
+    """A step that started in a pass and goes on alone: when it started, its progress, its work."""
+
+    started: float
+    progress: _Progress
+    partial: fusion.Partial
+
+
 class Executor:
     def __init__(self, plan: Plan, run_dir: RunDir, backend, emit: Emit, *,
                  namespace: Mapping[str, Any] | None = None, workdir: Path | None = None,
@@ -67,6 +77,8 @@ class Executor:
         #: the checkpoint each finished step left (reused ones included)
         self.outputs: dict[str, str | None] = {}
         self.records: dict[str, int | None] = {}
+        #: first step -> the steps run as one pass with it (nbflow/engine/fusion.py)
+        self.chains = {chain[0]: chain for chain in fusion.chains(plan, backend.name)}
 
     # -- the run -------------------------------------------------------------
     def execute(self) -> str:
@@ -100,7 +112,10 @@ class Executor:
                         continue
                     if self.cancel.is_set():
                         break
-                    running[pool.submit(self._run_step, plan.steps[name])] = name
+                    if name in self.chains:
+                        running[pool.submit(self._run_chain, self.chains[name])] = name
+                    else:
+                        running[pool.submit(self._run_step, plan.steps[name])] = name
                 ready = []
                 if not running:
                     break
@@ -112,17 +127,25 @@ class Executor:
                     continue
                 for future in done:
                     name = running.pop(future)
+                    chain = self.chains.get(name, (name,))
                     try:
                         future.result()
                     except RunInterrupted:
-                        stopped.add(name)  # its StepCancelled is already out
+                        # their StepCancelled is already out
+                        stopped.update(n for n in chain if n not in self.outputs)
                         continue
-                    except _StepFailed:
-                        failed.append(name)
-                        self._skip_dependents(name, blocked)
-                        continue
-                    sorter.done(name)
-                    ready.extend(sorter.get_ready())
+                    except _StepFailed as failure:
+                        name = failure.args[0] if failure.args else name
+                    # the steps of a pass finish in order: each one done lets the next out
+                    released: list[str] = []
+                    for member in chain:
+                        if member not in self.outputs:
+                            failed.append(member)
+                            self._skip_dependents(member, blocked)
+                            break
+                        sorter.done(member)
+                        released += sorter.get_ready()
+                    ready.extend(n for n in released if n not in chain)
         finally:
             pool.shutdown(wait=True)
         cancelled = self.cancel.is_set()
@@ -144,21 +167,21 @@ class Executor:
                                          reason=f"skipped: {root} failed", because_of=root))
 
     # -- one step ------------------------------------------------------------
-    def _run_step(self, p: PlannedStep) -> None:
+    def _run_step(self, p: PlannedStep, resume: _Resume | None = None) -> None:
+        """Run one step (with its retries); ``resume``: go on from its chunks done in a pass."""
         attempts = p.spec.retries + 1
         budget = p.spec.max_memory or self.default_budget
         for attempt in range(1, attempts + 1):
-            started = time.time()
-            self.emit(ev.StepStarted(run_id=self.run_id, step=p.name, attempt=attempt,
-                                     chunk_size=p.chunk_size if isinstance(p.chunk_size, int) else None,
-                                     max_memory=budget, streaming=p.streaming,
-                                     records_in=self._records_in(p)))
-            progress = _Progress()
+            if resume is not None:  # started with its pass: no second StepStarted
+                started, progress, partial = resume.started, resume.progress, resume.partial
+            else:
+                started, progress, partial = time.time(), _Progress(), None
+                self._started(p, attempt, budget)
             guard = self.monitor.guard(p.name, budget) if self.monitor is not None else None
             memory: dict[str, Any] = {}
             try:
                 try:
-                    info = self._execute(p, progress, guard, budget)
+                    info = self._execute(p, progress, guard, budget, partial)
                 finally:
                     memory = self._release(guard)
             except RunInterrupted:
@@ -180,15 +203,175 @@ class Executor:
                     continue
                 raise _StepFailed(p.name) from None
             info["memory"] = memory
-            self.outputs[p.name] = info["checkpoint"]
-            self.records[p.name] = info.get("records_out")
-            self.emit(ev.StepCompleted(
-                run_id=self.run_id, step=p.name, duration=time.time() - started,
-                records_in=info.get("records_in", self._records_in(p)),
-                records_out=info.get("records_out"), chunks=progress.total or progress.done,
-                bytes_out=info.get("bytes"), checkpoint=info["checkpoint"], cache_key=p.key,
-                info={k: v for k, v in info.items() if k not in ("checkpoint", "records_out", "bytes")}))
+            self._completed(p, info, started, progress)
             return
+
+    def _started(self, p: PlannedStep, attempt: int, budget: int | None,
+                 pass_with: tuple[str, ...] = ()) -> None:
+        self.emit(ev.StepStarted(run_id=self.run_id, step=p.name, attempt=attempt,
+                                 chunk_size=p.chunk_size if isinstance(p.chunk_size, int) else None,
+                                 max_memory=budget, streaming=p.streaming,
+                                 records_in=self._records_in(p), pass_with=pass_with))
+
+    def _completed(self, p: PlannedStep, info: dict[str, Any], started: float, progress: _Progress) -> None:
+        self.outputs[p.name] = info["checkpoint"]
+        self.records[p.name] = info.get("records_out")
+        self.emit(ev.StepCompleted(
+            run_id=self.run_id, step=p.name, duration=time.time() - started,
+            records_in=info.get("records_in", self._records_in(p)),
+            records_out=info.get("records_out"), chunks=progress.total or progress.done,
+            bytes_out=info.get("bytes"), checkpoint=info["checkpoint"], cache_key=p.key,
+            info={k: v for k, v in info.items() if k not in ("checkpoint", "records_out", "bytes")}))
+
+    # -- a pass over a chain of steps --------------------------------------------
+    def _run_chain(self, names: tuple[str, ...]) -> None:
+        """Run ``names`` as one pass; the steps left unfinished go on one at a time.
+
+        Raises _StepFailed(step) for the step that failed (those after it are left
+        for the caller to skip) and RunInterrupted when the run was cancelled.
+        """
+        members = [fusion.Member(self.plan.steps[n]) for n in names]
+        started, budgets, progress, guards = time.time(), {}, {}, {}
+        for m in members:
+            p = m.step
+            budgets[p.name] = p.spec.max_memory or self.default_budget
+            self._started(p, 1, budgets[p.name], tuple(n for n in names if n != p.name))
+            progress[p.name] = _Progress()
+            guards[p.name] = self.monitor.guard(p.name, budgets[p.name]) if self.monitor is not None else None
+
+        tokens: dict[str, str] = {}
+
+        def make_result(m: fusion.Member, inputs: dict[str, Any]):
+            p = m.step
+            tokens[p.name] = f"{p.key}-{secrets.token_hex(4)}"
+            ctx = StepContext(step=p.spec, inputs=inputs, chunk_size=int(p.chunk_size), streaming=True,
+                              workdir=self.workdir, namespace=self.namespace, token=tokens[p.name])
+            return chunks.apply_action(p.action, ctx, p.params, self.backend, self.cancel, guards[p.name])
+
+        def make_effect(m: fusion.Member, result) -> Effect:
+            p = m.step
+            return chunks.checkpoint_effect(result, self.run_dir.checkpoint_dir(p.name, p.key),
+                                            int(p.chunk_size), self._format_for(p))
+
+        def report(index: int, chunk: int, frame) -> None:
+            m = members[index]
+            m.frames[chunk] = frame
+            self._chunk_done(m.step, progress[m.step.name], guards[m.step.name], chunk, frame)
+
+        def on_part(k: int, frame) -> None:
+            index, chunk, _ = tasks[k]
+            if members[index].writer is None:  # a writing step reported its chunk itself
+                report(index, chunk, frame)
+
+        tasks: list = []
+        first = members[0].step
+        cancelled, error = False, None
+        try:
+            tasks = fusion.build(
+                members, {n: chunks.open_checkpoint(self.outputs[n], n) for n in first.spec.needs},
+                make_result, make_effect, report)
+            for m in members:
+                progress[m.step.name].total = m.chunks_total
+                self.emit(ev.StepPlanned(run_id=self.run_id, step=m.step.name, chunks_total=m.chunks_total))
+            self.backend.compute_parts([t[2] for t in tasks], on_part, self.cancel)
+        except BaseException as exc:  # noqa: BLE001 — sorted out below, step by step
+            log.debug("pass %s stopped: %r", "+".join(names), exc)
+            cancelled = self.cancel.is_set() or not isinstance(exc, Exception)
+            error = None if cancelled else exc
+        finally:
+            tasks.clear()  # the graph holds the last chunks' frames
+        culprit = _culprit(members, tokens, error)
+        end = len(members) if culprit is None else culprit
+        # in order: a step whose every chunk is done (within budget) is complete; the first
+        # one that isn't, and those after it up to the culprit, go on alone
+        for i in range(end):
+            m, guard = members[i], guards[members[i].step.name]
+            if m.complete and (guard is None or guard.tripped is None):
+                self._commit_member(members, i, guards, progress[m.step.name], started)
+                continue
+            if cancelled:
+                self._abort_pass(members[i:], guards)
+                for rest in members[i:]:
+                    self.emit(ev.StepCancelled(run_id=self.run_id, step=rest.step.name,
+                                               duration=time.time() - started))
+                raise RunInterrupted(self.run_id)
+            self._finish_alone(members[i:], guards, progress, started, count=end - i)
+            break
+        if culprit is not None:
+            # the step's own code raised: that is its failure (running it again would call
+            # the user's function twice on a chunk, and a flaky one could pass unnoticed)
+            m = members[culprit]
+            memory = self._release(guards[m.step.name])
+            self.emit(_failure_event(self.run_id, m.step.name, error, started, 1, False,
+                                     progress[m.step.name].records, memory))
+            del error
+            self._abort_pass(members[culprit:], guards)
+            release_memory()
+            raise _StepFailed(m.step.name)
+        return None
+
+    def _commit_member(self, members: list[fusion.Member], i: int, guards: dict, progress: _Progress,
+                       started: float) -> None:
+        """Commit a step whose every chunk was done in its pass."""
+        m = members[i]
+        p = m.step
+        memory = self._release(guards[p.name])
+        try:
+            results = pd.concat([m.frames[c] for c in range(m.chunks_total)], ignore_index=True) \
+                if m.chunks_total else pd.DataFrame()
+            m.frames.clear()
+            info = self._commit(p, m.effect, m.result, dict(m.effect.finish(results) or {}), progress)
+        except Exception as exc:  # noqa: BLE001 — e.g. a check that fails on all chunks together
+            self.emit(_failure_event(self.run_id, p.name, exc, started, 1, False, progress.records, memory))
+            self._abort_pass(members[i + 1:], guards)
+            raise _StepFailed(p.name) from None
+        info["memory"] = memory
+        self._completed(p, info, started, progress)
+
+    def _finish_alone(self, rest: list[fusion.Member], guards: dict, progress: dict, started: float,
+                      count: int) -> None:
+        """Run the first ``count`` steps of ``rest`` (the unfinished part of a pass) one at a
+        time, from the chunks they had done (from scratch after a step that crossed its budget
+        in the pass). If one fails or the run is cancelled, the rest are dropped."""
+        fresh, restart = False, []
+        for m in rest[:count]:
+            guard = guards[m.step.name]
+            if guard is not None:
+                fresh = fresh or guard.tripped is not None
+                self.monitor.release(guard)  # shared figures: the step alone measures its own
+                guards[m.step.name] = None
+                if guard.tripped is not None:
+                    reset_async_signal()
+            if fresh and m.writer is not None:
+                m.writer.abort()
+            restart.append(fresh)
+        for i, m in enumerate(rest[:count]):
+            if restart[i]:
+                partial = fusion.Partial(None, {})
+                progress[m.step.name] = _Progress()
+            else:
+                partial = fusion.Partial(m.writer, dict(m.frames))
+            m.frames.clear()
+            try:
+                self._run_step(m.step, _Resume(started, progress[m.step.name], partial))
+            except (_StepFailed, RunInterrupted):
+                self._abort_pass(rest[i + 1:], guards)
+                if self.cancel.is_set():
+                    for later in rest[i + 1:]:
+                        self.emit(ev.StepCancelled(run_id=self.run_id, step=later.step.name,
+                                                   duration=time.time() - started))
+                    raise RunInterrupted(self.run_id) from None
+                raise _StepFailed(m.step.name) from None
+
+    def _abort_pass(self, members: list[fusion.Member], guards: dict) -> None:
+        for m in members:
+            if m.writer is not None:
+                m.writer.abort()
+            guard = guards.get(m.step.name)
+            if guard is not None:
+                self.monitor.release(guard)
+                guards[m.step.name] = None
+            m.frames.clear()
 
     def _release(self, guard) -> dict[str, Any]:
         if guard is None:
@@ -205,7 +388,8 @@ class Executor:
         counts = [self.records.get(n) for n in p.spec.needs]
         return sum(counts) if counts and None not in counts else None
 
-    def _execute(self, p: PlannedStep, progress: _Progress, guard, budget: int | None) -> dict[str, Any]:
+    def _execute(self, p: PlannedStep, progress: _Progress, guard, budget: int | None,
+                 partial: fusion.Partial | None = None) -> dict[str, Any]:
         inputs = {name: chunks.open_checkpoint(self.outputs[name], name) for name in p.spec.needs}
         ctx = StepContext(step=p.spec, inputs=inputs, chunk_size=chunks.DEFAULT_AUTO,
                           streaming=p.streaming, workdir=self.workdir, namespace=self.namespace,
@@ -223,24 +407,27 @@ class Executor:
         stop = self.cancel if local_guard is not None or guard is None else _Stop(self.cancel, guard)
         result = chunks.apply_action(p.action, ctx, p.params, self.backend, stop, local_guard)
         effect = (result if isinstance(result, Effect)
-                  else chunks.checkpoint_effect(result, dest, ctx.chunk_size, self._format_for(p)))
-
-        def on_chunk(index: int, frame) -> None:
-            n = int(frame["records"].sum()) if isinstance(frame, pd.DataFrame) and "records" in frame else 0
-            progress.add(n)
-            if guard is not None:
-                guard.add_records(n)
-            self.emit(ev.ChunkDone(run_id=self.run_id, step=p.name, chunk=index,
-                                   chunks_done=progress.done, chunks_total=progress.total,
-                                   records=n, records_done=progress.records))
+                  else chunks.checkpoint_effect(result, dest, ctx.chunk_size, self._format_for(p),
+                                                partial.writer if partial is not None else None))
+        done = dict(partial.frames) if partial is not None else {}
 
         if effect.chunks is not None:
             progress.total = effect.chunks.npartitions
-            self.emit(ev.StepPlanned(run_id=self.run_id, step=p.name, chunks_total=progress.total,
-                                     chunk_size=auto))
+            if partial is None:
+                self.emit(ev.StepPlanned(run_id=self.run_id, step=p.name, chunks_total=progress.total,
+                                         chunk_size=auto))
         try:
-            frames = (self.backend.compute_chunks(effect.chunks, on_chunk, stop)
-                      if effect.chunks is not None else [])
+            frames = []
+            if effect.chunks is not None:
+                parts = effect.chunks.to_delayed()
+                todo = [i for i in range(len(parts)) if i not in done]
+                computed = self.backend.compute_parts(
+                    [parts[i] for i in todo],
+                    lambda k, frame: self._chunk_done(p, progress, guard, todo[k], frame), stop)
+                done.update(zip(todo, computed, strict=True))
+                frames = [done[i] for i in range(len(parts))]
+                del computed
+            done.clear()
             if guard is not None and guard.tripped is not None:
                 # a step whose work the guard could not interrupt (a long C call, a built-in)
                 # still fails when its memory crossed the budget, before anything is committed
@@ -256,6 +443,21 @@ class Executor:
                     and not self.cancel.is_set():
                 raise guard.tripped from None  # stopped for its budget, not by the user
             raise
+        return self._commit(p, effect, result, info, progress)
+
+    def _chunk_done(self, p: PlannedStep, progress: _Progress, guard, index: int, frame) -> None:
+        n = int(frame["records"].sum()) if isinstance(frame, pd.DataFrame) and "records" in frame else 0
+        progress.add(n)
+        if guard is not None:
+            guard.add_records(n)
+        self.emit(ev.ChunkDone(run_id=self.run_id, step=p.name, chunk=index,
+                               chunks_done=progress.done, chunks_total=progress.total,
+                               records=n, records_done=progress.records))
+
+    def _commit(self, p: PlannedStep, effect: Effect, result, info: dict[str, Any],
+                progress: _Progress) -> dict[str, Any]:
+        """Mark the step's checkpoint complete (its parts are in place by now)."""
+        dest = self.run_dir.checkpoint_dir(p.name, p.key)
         meta: dict[str, Any] = {"step": p.name, "key": p.key, "created": time.time(), **_jsonable(info)}
         if effect.passthrough:
             (source,) = [self.outputs[n] for n in p.spec.needs]
@@ -269,7 +471,6 @@ class Executor:
         write_json_atomic(dest / CHECKPOINT_META, meta)
         self.run_dir.discard_stale_checkpoints(p.name, keep=dest)
         return {**info, "records_out": meta["records_out"], "checkpoint": str(dest)}
-
 
     def _format_for(self, p: PlannedStep) -> str:
         """The checkpoint format every step that reads ``p`` asks for, else the default.
@@ -313,6 +514,16 @@ class _Progress:
         with self._lock:
             self.done += 1
             self.records += records
+
+
+def _culprit(members: list[fusion.Member], tokens: dict[str, str], error: BaseException | None) -> int | None:
+    """The step of a pass whose own code raised ``error`` (its chunk function tags it), else
+    None: a memory error (the figures were the whole pass's) or an error of a built-in
+    reader or check, which the step run alone meets again."""
+    token = getattr(error, chunks.RAISED_IN, None)
+    if token is None or isinstance(error, MemoryError):
+        return None
+    return next((i for i, m in enumerate(members) if tokens.get(m.step.name) == token), None)
 
 
 def _failure_event(run_id: str, step: str, exc: BaseException, started: float, attempt: int,

@@ -92,6 +92,8 @@ class TextLog:
                             else "in memory")
             if event.max_memory:
                 bits.append(f"budget {format_size(event.max_memory)}")
+            if event.pass_with:
+                bits.append(f"one pass with {', '.join(event.pass_with)}")
             retry = f" (attempt {event.attempt})" if event.attempt > 1 else ""
             extra = f" [{', '.join(bits)}]" if bits else ""
             return [f"{t} {s['run']} {event.step}: Running{retry}{extra}"]
