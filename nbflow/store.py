@@ -38,11 +38,15 @@ def home(override: str | os.PathLike | None = None) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``path`` whole or not at all: a killed or crashed process never leaves half a file.
+
+    No fsync: run.json is rewritten at every step event, and fsync while the steps write their
+    parts waits for those too (tens of ms each here). Like the part files it describes, it may
+    lose its last writes to an OS crash or power cut, never its shape.
+    """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
