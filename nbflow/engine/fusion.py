@@ -27,16 +27,25 @@ the user's function twice on a chunk.
 """
 from __future__ import annotations
 
+import logging
 import os
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from nbflow.actions.registry import Effect
+from nbflow import events as ev
+from nbflow.actions.registry import Effect, StepContext
 from nbflow.actions.sinks import AtomicWriter
-from nbflow.errors import StepError
+from nbflow.engine import chunks
+from nbflow.engine.memory import release_memory, reset_async_signal
+from nbflow.engine.outcome import Progress, StepFailed, failure_event
+from nbflow.errors import RunInterrupted, StepError
 from nbflow.plan import Plan, PlannedStep
+
+log = logging.getLogger(__name__)
 
 
 def chains(plan: Plan, backend_name: str) -> list[tuple[str, ...]]:
@@ -173,4 +182,177 @@ def _passed(df: pd.DataFrame, check: pd.DataFrame, finish) -> pd.DataFrame:
     return df
 
 
-__all__ = ["chains", "build", "Member", "Partial", "NotFusable", "CheckFailed"]
+@dataclass
+class Resume:
+    """A step that started in a pass and goes on alone: when it started, its progress, its work."""
+
+    started: float
+    progress: Progress
+    partial: Partial
+
+
+class Passes:
+    """The executor's side of passes (mixed into ``Executor``, whose step methods it uses):
+    run a chain as one pass, then commit, finish alone or fail its steps."""
+
+    def _run_chain(self, names: tuple[str, ...]) -> None:
+        """Run ``names`` as one pass; the steps left unfinished go on one at a time.
+
+        Raises StepFailed(step) for the step that failed (those after it are left
+        for the caller to skip) and RunInterrupted when the run was cancelled.
+        """
+        members = [Member(self.plan.steps[n]) for n in names]
+        started, budgets, progress, guards = time.time(), {}, {}, {}
+        for m in members:
+            p = m.step
+            budgets[p.name] = p.spec.max_memory or self.default_budget
+            self._started(p, 1, budgets[p.name], tuple(n for n in names if n != p.name))
+            progress[p.name] = Progress()
+            guards[p.name] = self.monitor.guard(p.name, budgets[p.name]) if self.monitor is not None else None
+
+        tokens: dict[str, str] = {}
+
+        def make_result(m: Member, inputs: dict[str, Any]):
+            p = m.step
+            tokens[p.name] = f"{p.key}-{secrets.token_hex(4)}"
+            ctx = StepContext(step=p.spec, inputs=inputs, chunk_size=int(p.chunk_size), streaming=True,
+                              workdir=self.workdir, namespace=self.namespace, token=tokens[p.name])
+            return chunks.apply_action(p.action, ctx, p.params, self.backend, self.cancel, guards[p.name])
+
+        def make_effect(m: Member, result) -> Effect:
+            p = m.step
+            return chunks.checkpoint_effect(result, self.run_dir.checkpoint_dir(p.name, p.key),
+                                            int(p.chunk_size), self._format_for(p))
+
+        def report(index: int, chunk: int, frame) -> None:
+            m = members[index]
+            m.frames[chunk] = frame
+            self._chunk_done(m.step, progress[m.step.name], guards[m.step.name], chunk, frame)
+
+        def on_part(k: int, frame) -> None:
+            index, chunk, _ = tasks[k]
+            if members[index].writer is None:  # a writing step reported its chunk itself
+                report(index, chunk, frame)
+
+        tasks: list = []
+        first = members[0].step
+        cancelled, error = False, None
+        try:
+            tasks = build(
+                members, {n: chunks.open_checkpoint(self.outputs[n], n) for n in first.spec.needs},
+                make_result, make_effect, report)
+            for m in members:
+                progress[m.step.name].total = m.chunks_total
+                self.emit(ev.StepPlanned(run_id=self.run_id, step=m.step.name, chunks_total=m.chunks_total))
+            self.backend.compute_parts([t[2] for t in tasks], on_part, self.cancel)
+        except BaseException as exc:  # noqa: BLE001 — sorted out below, step by step
+            log.debug("pass %s stopped: %r", "+".join(names), exc)
+            cancelled = self.cancel.is_set() or not isinstance(exc, Exception)
+            error = None if cancelled else exc
+        finally:
+            tasks.clear()  # the graph holds the last chunks' frames
+        culprit = _culprit(members, tokens, error)
+        end = len(members) if culprit is None else culprit
+        # in order: a step whose every chunk is done (within budget) is complete; the first
+        # one that isn't, and those after it up to the culprit, go on alone
+        for i in range(end):
+            m, guard = members[i], guards[members[i].step.name]
+            if m.complete and (guard is None or guard.tripped is None):
+                self._commit_member(members, i, guards, progress[m.step.name], started)
+                continue
+            if cancelled:
+                self._abort_pass(members[i:], guards)
+                for rest in members[i:]:
+                    self.emit(ev.StepCancelled(run_id=self.run_id, step=rest.step.name,
+                                               duration=time.time() - started))
+                raise RunInterrupted(self.run_id)
+            self._finish_alone(members[i:], guards, progress, started, count=end - i)
+            break
+        if culprit is not None:
+            # the step's own code raised: that is its failure (running it again would call
+            # the user's function twice on a chunk, and a flaky one could pass unnoticed)
+            m = members[culprit]
+            memory = self._release(guards[m.step.name])
+            self.emit(failure_event(self.run_id, m.step.name, error, started, 1, False,
+                                     progress[m.step.name].records, memory))
+            del error
+            self._abort_pass(members[culprit:], guards)
+            release_memory()
+            raise StepFailed(m.step.name)
+        return None
+
+    def _commit_member(self, members: list[Member], i: int, guards: dict, progress: Progress,
+                       started: float) -> None:
+        """Commit a step whose every chunk was done in its pass."""
+        m = members[i]
+        p = m.step
+        memory = self._release(guards[p.name])
+        try:
+            results = pd.concat([m.frames[c] for c in range(m.chunks_total)], ignore_index=True) \
+                if m.chunks_total else pd.DataFrame()
+            m.frames.clear()
+            info = self._commit(p, m.effect, m.result, dict(m.effect.finish(results) or {}), progress)
+        except Exception as exc:  # noqa: BLE001 — e.g. a check that fails on all chunks together
+            self.emit(failure_event(self.run_id, p.name, exc, started, 1, False, progress.records, memory))
+            self._abort_pass(members[i + 1:], guards)
+            raise StepFailed(p.name) from None
+        info["memory"] = memory
+        self._completed(p, info, started, progress)
+
+    def _finish_alone(self, rest: list[Member], guards: dict, progress: dict, started: float,
+                      count: int) -> None:
+        """Run the first ``count`` steps of ``rest`` (the unfinished part of a pass) one at a
+        time, from the chunks they had done (from scratch after a step that crossed its budget
+        in the pass). If one fails or the run is cancelled, the rest are dropped."""
+        fresh, restart = False, []
+        for m in rest[:count]:
+            guard = guards[m.step.name]
+            if guard is not None:
+                fresh = fresh or guard.tripped is not None
+                self.monitor.release(guard)  # shared figures: the step alone measures its own
+                guards[m.step.name] = None
+                if guard.tripped is not None:
+                    reset_async_signal()
+            if fresh and m.writer is not None:
+                m.writer.abort()
+            restart.append(fresh)
+        for i, m in enumerate(rest[:count]):
+            if restart[i]:
+                partial = Partial(None, {})
+                progress[m.step.name] = Progress()
+            else:
+                partial = Partial(m.writer, dict(m.frames))
+            m.frames.clear()
+            try:
+                self._run_step(m.step, Resume(started, progress[m.step.name], partial))
+            except (StepFailed, RunInterrupted):
+                self._abort_pass(rest[i + 1:], guards)
+                if self.cancel.is_set():
+                    for later in rest[i + 1:]:
+                        self.emit(ev.StepCancelled(run_id=self.run_id, step=later.step.name,
+                                                   duration=time.time() - started))
+                    raise RunInterrupted(self.run_id) from None
+                raise StepFailed(m.step.name) from None
+
+    def _abort_pass(self, members: list[Member], guards: dict) -> None:
+        for m in members:
+            if m.writer is not None:
+                m.writer.abort()
+            guard = guards.get(m.step.name)
+            if guard is not None:
+                self.monitor.release(guard)
+                guards[m.step.name] = None
+            m.frames.clear()
+
+
+def _culprit(members: list[Member], tokens: dict[str, str], error: BaseException | None) -> int | None:
+    """The step of a pass whose own code raised ``error`` (its chunk function tags it), else
+    None: a memory error (the figures were the whole pass's) or an error of a built-in
+    reader or check, which the step run alone meets again."""
+    token = getattr(error, chunks.RAISED_IN, None)
+    if token is None or isinstance(error, MemoryError):
+        return None
+    return next((i for i, m in enumerate(members) if tokens.get(m.step.name) == token), None)
+
+
+__all__ = ["chains", "build", "Member", "Partial", "Resume", "Passes", "NotFusable", "CheckFailed"]
