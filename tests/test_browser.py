@@ -158,7 +158,8 @@ def test_cancel_button_stops_the_cells_own_run(slow_lab):
 
     with _notebook_running(slow_lab, "slow.ipynb") as page:
         dashboard = page.locator(".nbflow-dashboard").first
-        expect(dashboard.locator(".nbflow-step-running")).to_contain_text("crawl", timeout=120_000)
+        # extract and crawl run as one pass: both rows read running at first
+        expect(dashboard.locator(".nbflow-step-running", has_text="crawl")).to_be_visible(timeout=120_000)
         cancel = dashboard.locator(".nbflow-cancel")
         expect(cancel).to_be_enabled(timeout=30_000)
         clicked = page.evaluate("Date.now()")
@@ -168,7 +169,7 @@ def test_cancel_button_stops_the_cells_own_run(slow_lab):
         expect(dashboard.locator(".nbflow-header")).to_contain_text("CANCELLED", timeout=30_000)
         waited = (page.evaluate("Date.now()") - clicked) / 1000
         expect(page.get_by_text("next cell ran; run status: cancelled")).to_be_visible(timeout=60_000)
-        expect(dashboard.locator(".nbflow-step-cancelled")).to_contain_text("crawl")
+        expect(dashboard.locator(".nbflow-step-cancelled", has_text="crawl")).to_be_visible()
         expect(dashboard.locator(".nbflow-message")).to_contain_text("cancelled: rerun to go on")
         assert waited < 30, waited
         _screenshot(dashboard, ARTIFACTS / "cancelled-dashboard.png")
