@@ -146,6 +146,33 @@ def test_loop_of_copies_trips_in_dask_and_memory_comes_back(monitor):
                         scheduler="threads", num_workers=2) == tuple(range(1, 9))
 
 
+def test_near_its_budget_a_step_is_checked_between_samples():
+    # one sample a second; the loop passes its 200 MB budget ~0.3 s in and would reach
+    # 800 MB before the next sample
+    mon = MemoryMonitor(interval=1.0)
+    mon.start()
+    try:
+        budget = 200 * MB
+        guard = mon.guard("hog", budget)
+        frame = pd.DataFrame({"x": np.arange(500_000, dtype="float64")})  # 4 MB
+
+        def slow_hog(i):
+            keep = []
+            while len(keep) < 4 * budget // (4 * MB):
+                keep.append(frame.copy())
+                time.sleep(0.005)
+            return len(keep)
+
+        with pytest.raises(MemoryBudgetExceeded):
+            compute_chunks(slow_hog, guard, n=1)
+        stats = mon.release(guard)
+        assert budget < stats.peak_above_baseline < budget + 60 * MB  # ~10 ms of the loop past it
+        assert stats.samples <= 1  # the glances in between are not recorded as samples
+    finally:
+        mon.stop()
+    settle(guard)
+
+
 def test_growing_concat_trips(monitor):
     budget = 120 * MB
     guard = monitor.guard("combine", budget)

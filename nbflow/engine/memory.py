@@ -8,10 +8,10 @@ the step's wrapped chunk functions. What that promises, and what it cannot:
 
 - An exception raised into a thread lands only between bytecodes. A loop of
   pandas calls, a growing ``pd.concat`` or a list of copies stops within about
-  one sampling interval of crossing the budget; once a step is past half its
-  budget (or grew a quarter of it in one interval) the monitor also checks it
-  every ``FINE`` seconds between samples, so a fast allocator overshoots by
-  ~10 ms of its allocations rather than ~100 ms. One long C call (a giant
+  one sampling interval of crossing the budget; between samples the monitor
+  glances at RSS every ``FINE`` seconds while a step has a budget, and once a
+  step is past half of it, checks it then: a fast allocator overshoots by ~10 ms
+  of its allocations rather than ~100 ms. One long C call (a giant
   ``np.ones``, ``read_csv`` of a huge file) runs to its end first: the step
   still fails as it returns, with the peak that call made. Only a separate
   process bounds that: a Dask worker with ``memory_limit`` or ``RLIMIT_AS``.
@@ -101,7 +101,7 @@ class Released:
         return self.before - self.after
 
 
-#: seconds between the extra checks of a step near its budget (not recorded as samples)
+#: seconds between the glances at RSS between two samples (not recorded as samples)
 FINE = 0.01
 
 
@@ -218,22 +218,30 @@ class MemoryMonitor:
             now = time.monotonic()
             if now > next_at + self.interval:  # C code held the GIL: don't burst to catch up
                 next_at = now
-            while next_at - time.monotonic() > FINE and self._near_budget():
-                if self._stopping.wait(FINE):
+            # between samples, a glance at RSS every FINE s (~30 us) while a step has a
+            # budget; past half of one, the guards look too (nothing is recorded)
+            while (left := next_at - time.monotonic()) > FINE:
+                level = self._watch_level()  # a guard may come at any time
+                if self._stopping.wait(FINE if level is not None else min(left, 5 * FINE)):
                     return
-                self._check()
+                if level is not None:
+                    self._check(level)
             if self._stopping.wait(max(0.0, next_at - time.monotonic())):
                 return
             self._sample()
 
-    def _near_budget(self) -> bool:
+    def _watch_level(self) -> int | None:
+        """The RSS past which some guard is over half its budget; None: no budget to watch."""
         with self._lock:
-            return any(g.near_budget for g in self._guards)
+            levels = [g.baseline + g.budget // 2 for g in self._guards
+                      if g.budget is not None and g.tripped is None and not g._released]
+        return min(levels) if levels else None
 
-    def _check(self) -> None:
-        """Hold the guards to their budgets between two samples (nothing is recorded)."""
+    def _check(self, level: int) -> None:
         try:
-            rss = self.local_rss() + sum(self.remote_rss().values())
+            rss = self.local_rss() + sum(self._remote_last.values())  # the remote figure as last asked
+            if rss < level:
+                return
             with self._lock:
                 guards = list(self._guards)
             for g in guards:
@@ -285,8 +293,6 @@ class StepGuard:
         self._active: dict[int, int | None] = {}  # thread ident -> the chunk it runs
         self._interrupted: set[int] = set()  # threads we raised into
         self._peak = baseline
-        self._last = baseline  # RSS at the latest look
-        self._growth = 0  # between the last two samples
         self._samples = 0
         self._at_failure: int | None = None
         self._released = False
@@ -313,21 +319,11 @@ class StepGuard:
         with self._lock:
             return self._idle.wait_for(lambda: not self._active, timeout)
 
-    @property
-    def near_budget(self) -> bool:
-        """Past half its budget, or it grew by a quarter of it in the last interval."""
-        if self.budget is None or self.tripped is not None or self._released:
-            return False
-        return self._last - self.baseline > self.budget / 2 or self._growth > self.budget / 4
-
     def _observe(self, rss: int, sampled: bool = False, count: bool = True) -> None:
         with self._lock:
             if self._released:
                 return
-            if sampled and count:
-                self._samples += 1
-                self._growth = rss - self._last
-            self._last = rss
+            self._samples += sampled and count
             self._peak = max(self._peak, rss)
             over = self.budget is not None and rss - self.baseline > self.budget
             if over and self.tripped is None and sampled:
