@@ -64,6 +64,17 @@ def test_what_breaks_a_chain(monkeypatch):
     action: double
     needs: extract""")
     assert chains(_plan(text, ns), "threads") == [("extract", "a")]
+    # an independent step between them in the order does not break the chain
+    between = _wf(EXTRACT, """  - name: other
+    action: data.extract
+    params: {path: "{input_path}"}
+  - name: a
+    action: double
+    needs: extract
+  - name: b
+    action: double
+    needs: other""")
+    assert chains(_plan(between, ns), "threads") == [("extract", "a"), ("other", "b")]
     monkeypatch.setenv("NBFLOW_FUSE", "0")
     assert chains(_plan(text, ns), "threads") == []
 

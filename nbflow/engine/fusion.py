@@ -57,20 +57,22 @@ def chains(plan: Plan, backend_name: str) -> list[tuple[str, ...]]:
     for step in plan.workflow.steps:
         for need in step.needs:
             consumers.setdefault(need, []).append(step.name)
-    found, current = [], []
+
+    def fusable(name: str) -> bool:
+        return name in to_run and _fusable(plan.steps[name])
+
+    after: dict[str, str] = {}  # step -> the step it hands its chunks to in a pass
     for name in plan.order:
-        p = plan.steps[name]
-        if not (name in to_run and _fusable(p)):
-            current = []
-            continue
-        prev = current[-1] if current else None
-        if prev is not None and tuple(p.spec.needs) == (prev,) and consumers[prev] == [name]:
-            current.append(name)
-        else:
-            current = [name]
-        if len(current) == 2:
-            found.append(current)
-    return [tuple(c) for c in found]
+        needs = tuple(plan.steps[name].spec.needs)
+        if fusable(name) and len(needs) == 1 and fusable(needs[0]) and consumers[needs[0]] == [name]:
+            after[needs[0]] = name
+    found = []
+    for head in (n for n in plan.order if n in after and n not in after.values()):
+        chain = [head]
+        while chain[-1] in after:
+            chain.append(after[chain[-1]])
+        found.append(tuple(chain))
+    return found
 
 
 def _fusable(p: PlannedStep) -> bool:
