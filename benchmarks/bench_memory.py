@@ -103,7 +103,8 @@ def child_latency(interval: float, trials: int, budget: int, block: int, kind: s
     import numpy as np
     import psutil
 
-    from nbflow.engine.memory import MemoryMonitor, release_memory
+    from nbflow.engine.allocator import release_memory
+    from nbflow.engine.memory import MemoryMonitor
     from nbflow.errors import MemoryBudgetExceeded
 
     proc = psutil.Process()

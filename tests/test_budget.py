@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 import nbflow
-from nbflow.engine.memory import release_memory
+from nbflow.engine.allocator import release_memory
 from nbflow.state import Status
 
 BUDGET = 120_000_000

@@ -12,8 +12,9 @@ import pandas as pd
 import psutil
 import pytest
 
+from nbflow.engine.allocator import release_memory
 from nbflow.engine.limits import auto_chunk_size, default_budget, describe_default_budget, memory_limit
-from nbflow.engine.memory import MemoryMonitor, release_memory
+from nbflow.engine.memory import MemoryMonitor
 from nbflow.errors import MemoryBudgetExceeded
 
 MB = 1_000_000
@@ -335,7 +336,7 @@ def test_auto_chunk_size_model():
 RETAINED = r"""
 import os, sys
 import numpy as np, psutil
-from nbflow.engine.memory import tune_allocator
+from nbflow.engine.allocator import tune_allocator
 print(tune_allocator(), file=sys.stderr)
 MB = 1 << 20
 proc = psutil.Process()

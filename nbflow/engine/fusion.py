@@ -40,7 +40,8 @@ from nbflow import events as ev
 from nbflow.actions.registry import Effect, StepContext
 from nbflow.actions.sinks import AtomicWriter
 from nbflow.engine import chunks
-from nbflow.engine.memory import release_memory, reset_async_signal
+from nbflow.engine.allocator import release_memory
+from nbflow.engine.memory import reset_async_signal
 from nbflow.engine.outcome import Progress, StepFailed, failure_event
 from nbflow.errors import RunInterrupted, StepError
 from nbflow.plan import Plan, PlannedStep

@@ -34,10 +34,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import gc
 import logging
-import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +42,7 @@ from typing import Any, Callable, Mapping
 
 import psutil
 
+from nbflow.engine.allocator import trim_heap, tune_allocator
 from nbflow.errors import MemoryBudgetExceeded
 
 log = logging.getLogger(__name__)
@@ -89,16 +87,6 @@ class StepMemory:
     at_failure: int | None  # RSS when the budget tripped or a MemoryError was raised
     samples: int  # sampler samples taken while watched
     tripped: bool
-
-
-@dataclass(frozen=True)
-class Released:
-    before: int  # RSS of this process before release_memory(), and after
-    after: int
-
-    @property
-    def freed(self) -> int:
-        return self.before - self.after
 
 
 #: seconds between the glances at RSS between two samples (not recorded as samples)
@@ -469,60 +457,3 @@ def _clear_frames(tb) -> None:
         except RuntimeError:
             pass
         tb = tb.tb_next
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: musl, macOS, Windows
-        return None
-
-
-def release_memory() -> Released:
-    """Return freed memory to the OS after a failed step (after ``guard.wait_idle()``:
-    objects are only freed once nothing holds them)."""
-    proc = psutil.Process()
-    before = proc.memory_info().rss
-    gc.collect()
-    trim_heap()
-    return Released(before, proc.memory_info().rss)
-
-
-def trim_heap() -> None:
-    """Hand free-but-mapped heap pages back to the OS (glibc's arenas, Arrow's pool)."""
-    pyarrow = sys.modules.get("pyarrow")  # pandas 3 keeps strings in Arrow's own pool
-    if pyarrow is not None:
-        with contextlib.suppress(Exception):
-            pyarrow.default_memory_pool().release_unused()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)  # glibc keeps freed arena pages mapped until asked
-
-
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter number
-
-
-@functools.lru_cache(maxsize=1)
-def tune_allocator() -> bool:
-    """Once per process: give large freed blocks back to the OS at once (True if set).
-
-    Setting the trim threshold also freezes glibc's mmap threshold at 128 kB, so
-    NumPy buffers and Arrow arrays are unmapped when freed, and RSS follows what
-    is alive instead of what was ever allocated. Dask's nanny does the same for
-    its workers. Skipped when ``MALLOC_TRIM_THRESHOLD_`` is set (the user chose)
-    or ``NBFLOW_TUNE_MALLOC=0``; a no-op off glibc.
-    """
-    if os.environ.get("NBFLOW_TUNE_MALLOC", "1").lower() in ("0", "false", "no", "off"):
-        return False
-    if "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_TRIM_THRESHOLD, 64 * 1024))
-
-
-# -- how much memory a step may use by default --------------------------------
