@@ -380,9 +380,9 @@ def test_free_but_mapped_memory_does_not_trip_the_guard(monkeypatch):
     trims = []
     monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1))
     monkeypatch.setattr(monitor, "rss", lambda: next(readings))
-    guard._observe(guard.baseline + 80 * MB, sampled=True)
+    guard._observe(guard.baseline + 80 * MB, confirm=True, count=True)
     assert guard.tripped is None and trims == [1]
     # within a second of that trim, a crossing is believed at once
-    guard._observe(guard.baseline + 80 * MB, sampled=True)
+    guard._observe(guard.baseline + 80 * MB, confirm=True, count=True)
     assert guard.tripped is not None and trims == [1]
     monitor.release(guard)

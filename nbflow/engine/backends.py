@@ -1,8 +1,8 @@
 """Where a step's chunks are computed: Dask's threaded scheduler here, or a dask.distributed cluster.
 
-The executor hands a backend a Dask collection with one small result frame per
-chunk; the backend computes it, reports each chunk as it lands, and stops
-starting new chunks once ``cancel`` is set.
+The executor hands a backend Dask Delayed objects, one small result frame per
+chunk (``compute_parts``); the backend computes them in one graph, reports each
+chunk as it lands, and stops starting new chunks once ``cancel`` is set.
 """
 from __future__ import annotations
 
@@ -51,10 +51,6 @@ class LocalBackend:
     @property
     def parallelism(self) -> int:
         return self.num_workers
-
-    def compute_chunks(self, collection, on_chunk: OnChunk | None = None,
-                       cancel: threading.Event | None = None) -> list:
-        return self.compute_parts(collection.to_delayed(), on_chunk, cancel)
 
     def compute_parts(self, parts: list, on_chunk: OnChunk | None = None,
                       cancel: threading.Event | None = None) -> list:
@@ -134,10 +130,6 @@ class DistributedBackend:
         self._in_tree = {address for address, pid in self._pids.items()
                          if pid in tree and workers.get(address, {}).get("host") in local_hosts}
 
-    def compute_chunks(self, collection, on_chunk: OnChunk | None = None,
-                       cancel: threading.Event | None = None) -> list:
-        return self.compute_parts(collection.to_delayed(), on_chunk, cancel)
-
     def compute_parts(self, parts: list, on_chunk: OnChunk | None = None,
                       cancel: threading.Event | None = None) -> list:
         from distributed import as_completed
@@ -189,7 +181,7 @@ def make_backend(spec: Any = None):
     """A backend from ``None``/"threads", "distributed", a scheduler address, a Client, or a backend."""
     if spec is None or spec == "threads":
         return LocalBackend()
-    if hasattr(spec, "compute_chunks"):
+    if hasattr(spec, "compute_parts"):
         return spec
     if spec == "distributed":
         return DistributedBackend()

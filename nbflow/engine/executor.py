@@ -120,8 +120,8 @@ class Executor(fusion.Passes):
                         # their StepCancelled is already out
                         stopped.update(n for n in chain if n not in self.outputs)
                         continue
-                    except StepFailed as failure:
-                        name = failure.args[0] if failure.args else name
+                    except StepFailed:
+                        pass  # which of the chain's steps failed: the first without an output
                     # the steps of a pass finish in order: each one done lets the next out
                     released: list[str] = []
                     for member in chain:

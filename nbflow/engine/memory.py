@@ -228,27 +228,32 @@ class MemoryMonitor:
     def _check(self, level: int) -> None:
         try:
             rss = self.local_rss() + sum(self._remote_last.values())  # the remote figure as last asked
-            if rss < level:
-                return
-            with self._lock:
-                guards = list(self._guards)
-            for g in guards:
-                g._observe(rss, sampled=True, count=False)
+            if rss >= level:
+                self._hold(self._watched(), rss, sample=False)
         except Exception:  # noqa: BLE001 — the next sample logs what is wrong
             log.debug("memory check failed", exc_info=True)
+
+    def _watched(self) -> list[StepGuard]:
+        with self._lock:
+            return list(self._guards)
+
+    @staticmethod
+    def _hold(guards: list[StepGuard], rss: int, sample: bool) -> None:
+        """Hold each guard to its budget at ``rss`` (re-measured once after a trim before a
+        trip); ``sample``: count it as one of the step's samples."""
+        for g in guards:
+            g._observe(rss, confirm=True, count=sample)
 
     def _sample(self) -> None:
         try:
             remote = sum(self.remote_rss().values())
             rss = self.local_rss() + remote
-            with self._lock:
-                guards = list(self._guards)
+            guards = self._watched()
             # list() of a dict is one C call under the GIL: a consistent snapshot
             chunks = tuple((g.step, c) for g in guards for c in list(g._active.values()))
             sample = MemorySample(time.time(), rss, tuple(g.step for g in guards), chunks, remote)
             self.samples.append(sample)
-            for g in guards:  # before the callback, so a slow view never delays a trip
-                g._observe(rss, sampled=True)
+            self._hold(guards, rss, sample=True)  # before the callback: a slow view never delays a trip
         except Exception:  # the sampler must outlive surprises; entry checks still guard
             log.exception("memory sampling failed")
             return
@@ -307,14 +312,16 @@ class StepGuard:
         with self._lock:
             return self._idle.wait_for(lambda: not self._active, timeout)
 
-    def _observe(self, rss: int, sampled: bool = False, count: bool = True) -> None:
+    def _observe(self, rss: int, *, confirm: bool = False, count: bool = False) -> None:
+        """Note ``rss``; trip if it is over the budget (``confirm``: only if still over after
+        a heap trim, at most once a second); ``count``: it was one of the monitor's samples."""
         with self._lock:
             if self._released:
                 return
-            self._samples += sampled and count
+            self._samples += count
             self._peak = max(self._peak, rss)
             over = self.budget is not None and rss - self.baseline > self.budget
-            if over and self.tripped is None and sampled:
+            if over and self.tripped is None and confirm:
                 # free-but-mapped heap pages are not the step's memory: trim, look again
                 now = time.monotonic()
                 if now - self._confirmed >= 1.0:
