@@ -80,7 +80,10 @@ def child_nbflow(csv: Path, work: Path, blocksize: str) -> None:
 
 
 def child_dask(csv: Path, work: Path, blocksize: str) -> None:
+    # compute(scheduler="threads") imports dask.distributed (~0.1 s) to look for a Client:
+    # a one-time import, not the pipeline, so it comes before the clock (nbflow needs none)
     import dask.dataframe as dd
+    import distributed  # noqa: F401
     import pyarrow.parquet as pq
 
     from nbflow.demo import DEMO_SCHEMA, clean_records

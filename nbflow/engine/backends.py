@@ -15,11 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import dask
+import dask.threaded
 from dask.callbacks import Callback
 
 from nbflow.errors import RunInterrupted
 
 OnChunk = Callable[[int, Any], None]
+#: the threaded scheduler as a function: named "threads", dask.compute imports
+#: dask.distributed (~0.1 s) to look for a Client first
+_THREADS = dask.threaded.get
 
 
 class _ChunkCallbacks(Callback):
@@ -59,13 +63,13 @@ class LocalBackend:
         callbacks = _ChunkCallbacks(index, on_chunk, cancel)
         # a pool per call: concurrent steps never queue behind each other's chunks
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="nbflow-chunk") as pool:
-            return list(dask.compute(*parts, scheduler="threads", pool=pool,
+            return list(dask.compute(*parts, scheduler=_THREADS, pool=pool,
                                      callbacks=[callbacks._callback]))
 
     def compute(self, obj, cancel: threading.Event | None = None):
         callbacks = _ChunkCallbacks({}, None, cancel)
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="nbflow-chunk") as pool:
-            (result,) = dask.compute(obj, scheduler="threads", pool=pool,
+            (result,) = dask.compute(obj, scheduler=_THREADS, pool=pool,
                                      callbacks=[callbacks._callback])
         return result
 
