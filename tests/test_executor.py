@@ -181,9 +181,12 @@ def test_cancel_stops_new_chunks_and_commits_nothing(csv_in_workdir, monkeypatch
 
 
 def test_cancel_in_a_pass_keeps_the_steps_it_finished(csv_in_workdir):
-    # extract and slow run as one pass (nbflow/engine/fusion.py); the cancel lands once
-    # extract wrote its last chunk: extract is committed, slow is not
-    handle, seen_chunks = _cancelled_after_first_chunk(50, "", pause=0.2, after_extract=True)
+    # extract and slow run as one pass (nbflow/engine/fusion.py), one task per chunk: the
+    # first chunk's slow holds out until the other thread wrote extract's last chunk and the
+    # cancel is in; slow takes each chunk of 50 in two calls of 25, and the cancel stops the
+    # second: extract is committed, slow is not
+    handle, seen_chunks = _cancelled_after_first_chunk(50, "\n    params: {chunk_size: 25}", pause=0.2,
+                                                       after_extract=True)
     # both started before either wrote a chunk
     assert handle.starts[:3] == ["extract", "slow", "chunk"]
     assert handle.records["extract"].status is Status.COMPLETED

@@ -3,6 +3,7 @@ the steps run one after the other (outputs, checkpoints, failures, reruns)."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -37,10 +38,13 @@ def double(df):
     return df.assign(amount=df["amount"] * 2)
 
 
-def test_the_demo_pipeline_fuses_extract_validate_transform_but_not_the_load():
+def test_the_demo_pipeline_runs_as_one_pass_load_included_unless_it_writes_csv():
     plan = _plan(PIPELINE)
-    assert chains(plan, "threads") == [("extract-data", "validate-schema", "transform-data")]
+    assert chains(plan, "threads") == [("extract-data", "validate-schema", "transform-data", "load-data")]
     assert chains(plan, "distributed") == []
+    # a CSV file is written whole after the pass (its header needs the columns first)
+    csv = _plan(PIPELINE.replace("output_path: out/clean.parquet", "output_path: out/clean.csv"))
+    assert chains(csv, "threads") == [("extract-data", "validate-schema", "transform-data")]
 
 
 def test_what_breaks_a_chain(monkeypatch):
@@ -104,18 +108,25 @@ def test_a_pass_gives_what_the_steps_give_one_by_one(csv_in_workdir, monkeypatch
     events: list = []
     fused = nbflow.run(text, namespace={"tag": tag}, log=False, observers=[events.append])
     assert fused.status == "completed", fused.summary()
-    # the three started together: every StepStarted comes before the first chunk is done
+    # the four started together: every StepStarted comes before the first chunk is done
     first_chunk = next(i for i, e in enumerate(events) if isinstance(e, ev.ChunkDone))
-    assert {e.step for e in events[:first_chunk] if isinstance(e, ev.StepStarted)} == {"extract", "check", "tag"}
+    assert {e.step for e in events[:first_chunk] if isinstance(e, ev.StepStarted)} == {
+        "extract", "check", "tag", "load"}
     started = {e.step: e for e in events if isinstance(e, ev.StepStarted)}
-    assert started["check"].pass_with == ("extract", "tag") and started["load"].pass_with == ()
-    assert "one pass with extract, tag" in "\n".join(TextLog().format(started["check"]))
+    assert started["check"].pass_with == ("extract", "tag", "load")
+    assert "one pass with extract, tag, load" in "\n".join(TextLog().format(started["check"]))
     out_fused = pd.read_parquet(csv_in_workdir / "out" / "tagged.parquet")
     recs = fused.records
     assert [recs[n].records_out for n in ("extract", "check", "tag", "load")] == [1000] * 4
     chunks = recs["extract"].chunks_total
     assert chunks >= 5 and all(recs[n].chunks_done == recs[n].chunks_total == chunks
-                               for n in ("extract", "check", "tag"))
+                               for n in ("extract", "check", "tag", "load"))
+    # the load copied tag's Parquet parts as they were written (no second encoding)
+    out_parts = sorted((csv_in_workdir / "out" / "tagged.parquet").glob("part-*.parquet"))
+    tag_parts = sorted(Path(recs["tag"].checkpoint).glob("part-*.parquet"))
+    assert len(out_parts) == chunks
+    assert [p.read_bytes() for p in out_parts] == [p.read_bytes() for p in tag_parts]
+    assert not list((csv_in_workdir / "out").glob("*.tmp-*"))
     # each chunk went through the user's function once
     assert len(calls) == len(set(calls)) == chunks
     # each step keeps its own checkpoint: extract's holds the raw amounts, tag's the doubled
@@ -167,6 +178,8 @@ def test_a_step_whose_code_raises_in_a_pass_fails_once_and_upstream_completes(cs
     assert recs["picky"].error["error_type"] == "ValueError"
     assert recs["picky"].error["location"].endswith(f":{picky.__code__.co_firstlineno + 5}")
     assert recs["after"].status is Status.SKIPPED and recs["after"].because_of == "picky"
+    # the load in the pass had written the first chunks: nothing of them is left
+    assert not (csv_in_workdir / "out").exists() or not list((csv_in_workdir / "out").iterdir())
     # the failing chunk met the function once: a pass is not a hidden retry
     assert calls.count(True) == 1
     assert handle.root_cause.step == "picky"
@@ -205,3 +218,25 @@ def test_a_check_in_a_pass_holds_back_the_chunks_it_rejects(tmp_path, workdir):
     # chunk: a check's problems fail it only once all its chunks are checked)
     assert not any(has_451 or nulls for has_451, nulls in seen)
     assert not list((workdir / ".nbflow").glob("runs/*/checkpoints/tag-*/_nbflow.json"))
+
+
+def test_a_load_that_may_not_overwrite_fails_alone_and_leaves_the_old_output(csv_in_workdir):
+    old = csv_in_workdir / "out" / "x.parquet"
+    old.mkdir(parents=True)
+    (old / "keep.txt").write_text("the old output")
+    text = _wf(EXTRACT, """  - name: tag
+    action: tag
+    needs: extract
+  - name: load
+    action: data.load
+    needs: tag
+    params: {path: out/x.parquet, overwrite: false}""")
+    handle = nbflow.run(text, namespace={"tag": double}, log=False)
+    recs = handle.records
+    assert handle.status == "failed"
+    assert recs["extract"].status is recs["tag"].status is Status.COMPLETED
+    assert recs["tag"].records_out == 1000
+    assert recs["load"].status is Status.FAILED
+    assert "overwrite is false" in recs["load"].error["message"]
+    assert [p.name for p in old.iterdir()] == ["keep.txt"]
+    assert not list((csv_in_workdir / "out").glob("*.tmp-*"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,12 @@ def read_csv(files: list[Path], blocksize: int, read_kwargs: dict[str, Any]):
         # the file's time is part of each block, so the tasks' names change with the file
         blocks += [(str(path), start, stop - start, header, stat.st_mtime_ns)
                    for start, stop in zip(bounds, bounds[1:], strict=False)]
-    return dd.from_map(_read_block, blocks, plan=plan, meta=plan["meta"], enforce_metadata=False,
-                       label="nbflow-read-csv")
+    from nbflow.engine.chunks import register_sources
+
+    ddf = dd.from_map(_read_block, blocks, plan=plan, meta=plan["meta"], enforce_metadata=False,
+                      label="nbflow-read-csv")
+    register_sources(ddf, [partial(_read_block, block, plan) for block in blocks])
+    return ddf
 
 
 def _plan(path: Path, read_kwargs: dict[str, Any]) -> dict | None:

@@ -225,13 +225,24 @@ _PROBLEMS_META = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("chunk", "cou
                                             else "str") for c in _PROBLEM_COLUMNS})
 
 
-@action("data.validate", kind="step", chunkwise=True)
+def _validate_check(schema: Mapping[str, Any], **_) -> tuple:
+    """data.validate as two functions: ``check(df, chunk)`` -> the chunk's problems, and
+    ``finish(problems of every chunk)``, which raises SchemaError naming them all."""
+    rules = _rules(schema)
+    return partial(_check_one, rules=rules), partial(_finish_validate, rules)
+
+
+@action("data.validate", kind="step", chunkwise=True, chunk_check=_validate_check)
 def validate(ctx: StepContext, schema: Mapping[str, Any], **_) -> Effect:
     """Check columns, dtypes and nulls chunk by chunk; fail with every problem found."""
     rules = _rules(schema)
     chunks = ctx.input.map_partitions(_check_chunk, rules, meta=_PROBLEMS_META)
     return Effect(chunks=chunks, finish=partial(_finish_validate, rules), output=ctx.input,
                   passthrough=True)
+
+
+def _check_one(df: pd.DataFrame, chunk: int, rules: dict) -> pd.DataFrame:
+    return _check_chunk(df, rules, {"number": chunk})
 
 
 def _rules(schema: Mapping[str, Any]) -> dict[str, dict]:
@@ -335,6 +346,8 @@ def _finish_validate(rules: dict, results: pd.DataFrame) -> dict:
     if results is None or "records" not in results:
         results = _PROBLEMS_META
     records = int(results["records"].sum())
+    if (results["kind"] == "records").all():  # no problem in any chunk (the common case, fast)
+        return {"records_in": records, "records_out": records}
     found = results[results["kind"] != "records"].sort_values("chunk", kind="stable")
     order = {c: i for i, c in enumerate(rules)}
     problems = []
@@ -397,7 +410,28 @@ def _load_input_format(params: Mapping[str, Any]) -> str | None:
         else None
 
 
-@action("data.load", kind="step", input_format=_load_input_format)
+def _load_chunk_sink(path: str = "", format: str | None = None, overwrite: bool = True,
+                     **write_kwargs):
+    """A Parquet load takes its input chunk by chunk (in a pass with the steps before it);
+    a CSV one needs its input's columns first."""
+    if _output_format(path, format) != "parquet":
+        return None
+    return partial(_parquet_writer, path=path, overwrite=overwrite, write_kwargs=write_kwargs)
+
+
+def _parquet_writer(ctx: StepContext, path: str, overwrite: bool, write_kwargs: dict) -> AtomicWriter:
+    dest = ctx.path(path)
+    _check_overwrite(dest, path, overwrite)
+    return AtomicWriter(dest, "parquet", {"compression": "snappy", **write_kwargs}, overwrite=overwrite)
+
+
+def _check_overwrite(dest: Path, path: str, overwrite: bool) -> None:
+    if not overwrite and dest.exists():
+        raise StepError(f"data.load: '{path}' exists and overwrite is false; remove it or set "
+                        "overwrite: true", {"path": str(dest)})
+
+
+@action("data.load", kind="step", input_format=_load_input_format, chunk_sink=_load_chunk_sink)
 def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool = True,
          **write_kwargs) -> Effect:
     """Write a Parquet dataset (a folder of part files) or one CSV file, atomically."""
@@ -406,12 +440,8 @@ def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool
     if fmt not in ("csv", "parquet"):
         raise StepError(f"data.load: can't write '{path}': use a .csv file, a .parquet folder, "
                         "or add format: (csv | parquet)", {"path": str(dest), "format": format})
-    if not overwrite and dest.exists():
-        raise StepError(f"data.load: '{path}' exists and overwrite is false; remove it or set "
-                        "overwrite: true", {"path": str(dest)})
     if fmt == "parquet":
-        writer = AtomicWriter(dest, "parquet", {"compression": "snappy", **write_kwargs},
-                               overwrite=overwrite)
+        writer = _parquet_writer(ctx, path, overwrite, write_kwargs)
         from nbflow.engine.chunks import checkpoint_parts
 
         parts = checkpoint_parts(ctx.input)
@@ -423,6 +453,7 @@ def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool
                                  meta=WRITE_META, enforce_metadata=False, label="nbflow-copy-parts")
             return Effect(chunks=chunks, finish=writer.commit, output=None, abort=writer.abort)
     else:
+        _check_overwrite(dest, path, overwrite)
         writer = AtomicWriter(dest, "csv", write_kwargs, [str(c) for c in ctx.input.columns],
                                overwrite=overwrite)
     return sink(ctx.input, writer)

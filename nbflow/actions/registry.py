@@ -49,6 +49,13 @@ class Action:
     #: source in chunks): the engine may run it in one pass with its neighbours, like a
     #: ``chunk`` action (see ``nbflow/engine/fusion.py``)
     chunkwise: bool = field(default=False, compare=False)
+    #: a chunk-wise check (data.validate): ``f(**params) -> (check, finish)``, where
+    #: ``check(df, chunk)`` gives the chunk's frame and ``finish`` is its Effect's finish;
+    #: a pass applies them to each chunk itself instead of building the step's graph
+    chunk_check: Callable[..., tuple[Callable, Callable]] | None = field(default=None, compare=False)
+    #: a sink that can take its input chunk by chunk (data.load to Parquet):
+    #: ``f(**params) -> make(ctx) -> AtomicWriter``, or None when it needs the whole input
+    chunk_sink: Callable[..., Callable[[StepContext], Any] | None] | None = field(default=None, compare=False)
 
     def fingerprint(self) -> str:
         """A hash of the action's code: its source text where Python can find it.
@@ -119,7 +126,8 @@ _REGISTRY: dict[str, Action] = {}
 
 def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = True,
            input_format: Callable[[Mapping[str, Any]], str | None] | None = None,
-           chunkwise: bool = False):
+           chunkwise: bool = False, chunk_check: Callable[..., tuple[Callable, Callable]] | None = None,
+           chunk_sink: Callable[..., Callable | None] | None = None):
     """Register a function as a workflow action.
 
     >>> @action("demo.double")
@@ -134,7 +142,7 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
     def register(func: Callable) -> Callable:
         key = name or func.__name__
         _REGISTRY[key] = Action(key, func, kind, streaming, (func.__doc__ or "").strip(), input_format,
-                                chunkwise)
+                                chunkwise, chunk_check, chunk_sink)
         func.__nbflow_action__ = _REGISTRY[key]
         return func
 

@@ -35,11 +35,13 @@ def checkpoint_sink(ddf, dest: str | Path, fmt: str | None = None,
                     writer: AtomicWriter | None = None) -> Effect:
     """A step's checkpoint: ``ddf`` as part files in the checkpoint format, atomically
     (``writer``: one that already holds some of its parts)."""
-    if writer is None:
-        fmt = fmt or checkpoint_format()
-        options = {"compression": "snappy"} if fmt == "parquet" else {}
-        writer = AtomicWriter(Path(dest), fmt, options)
-    return sink(ddf, writer)
+    return sink(ddf, writer or checkpoint_writer(dest, fmt))
+
+
+def checkpoint_writer(dest: str | Path, fmt: str | None = None) -> AtomicWriter:
+    """The writer of a step's checkpoint parts (in the checkpoint format unless ``fmt``)."""
+    fmt = fmt or checkpoint_format()
+    return AtomicWriter(Path(dest), fmt, {"compression": "snappy"} if fmt == "parquet" else {})
 
 
 def sink(ddf, writer: AtomicWriter) -> Effect:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import dask
 import dask.dataframe as dd
@@ -42,12 +43,30 @@ def open_checkpoint(path: str | None, step: str) -> dd.DataFrame:
         _PARTS[ddf._name] = tuple(files)
         while len(_PARTS) > 256:  # names of collections long gone
             del _PARTS[next(iter(_PARTS))]
+    register_sources(ddf, [partial(_read_part, f) for f in files])
     return ddf
 
 
 #: collection name -> its part files, for collections that are a checkpoint read as is
 _PARTS: dict[str, tuple[str, ...]] = {}
 _PARTS_LOCK = threading.Lock()
+#: collection name -> one function per partition that reads it (no arguments, no Dask)
+_SOURCES: dict[str, tuple[Callable[[], pd.DataFrame], ...]] = {}
+
+
+def register_sources(ddf, readers: list[Callable[[], pd.DataFrame]]) -> None:
+    """Note how each partition of ``ddf`` (a collection that only reads) is read, so a pass
+    (engine/fusion.py) can call the readers itself instead of materialising Dask's graph."""
+    with _PARTS_LOCK:
+        _SOURCES[ddf._name] = tuple(readers)
+        while len(_SOURCES) > 256:
+            del _SOURCES[next(iter(_SOURCES))]
+
+
+def partition_sources(ddf) -> tuple[Callable[[], pd.DataFrame], ...] | None:
+    """The readers ``register_sources`` noted for this very collection (any operation on it
+    gives a new name, so only the collection as read matches), else None."""
+    return _SOURCES.get(getattr(ddf, "_name", None))
 
 
 def checkpoint_parts(ddf) -> tuple[str, ...] | None:
@@ -125,6 +144,12 @@ def apply_chunk(df: pd.DataFrame, func: Tokenized, params: Mapping[str, Any], ch
             func.check_cancel()
         pieces.append(_checked(func(df.iloc[i:i + chunk_size], chunk=chunk, **params), func))
     return pd.concat(pieces, ignore_index=True)
+
+
+def apply_at(func: Tokenized, params: Mapping[str, Any], chunk_size: int, df: pd.DataFrame,
+             chunk: int) -> pd.DataFrame:
+    """``apply_chunk`` on chunk number ``chunk`` (as a pass calls it, outside Dask)."""
+    return apply_chunk(df, func, params, chunk_size, {"number": chunk})
 
 
 def _checked(result, func) -> pd.DataFrame:

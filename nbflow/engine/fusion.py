@@ -1,20 +1,26 @@
 """One pass over a chain of chunk-wise steps: chunk i goes through every step before chunk i+1.
 
-Run one after another, each step of ``extract -> validate -> transform`` waits for
-the whole of the step before it, then reads its checkpoint back from disk. Fused,
-the three are one Dask graph: a chunk is parsed, written as extract's part, checked,
-transformed and written as transform's part while the next chunk is parsed, which
-is what a hand-written Dask pipeline does. Every step still writes its own
-checkpoint (so a rerun reuses it) and reports its own chunks. The pass saves the
-reads of each checkpoint by the next step and the wait for each step's last chunk
-(figures in benchmarks/README.md).
+Run one after another, each step of ``extract -> validate -> transform -> load``
+waits for the whole of the step before it, then reads its checkpoint back from
+disk. Fused, they are one pass: a chunk is parsed, written as extract's part,
+checked, transformed, written as transform's part and copied into the load's
+output while the next chunk is parsed, which is what a hand-written Dask pipeline
+does. Every step still writes its own checkpoint (so a rerun reuses it) and
+reports its own chunks. The pass saves the reads of each checkpoint by the next
+step and the wait for each step's last chunk (figures in benchmarks/README.md).
 
 A chain is a run of steps where each one after the first has a single input, the
 step before it, which feeds nothing else; every step streams, is chunk-wise
 (a ``chunk`` action or a ``step`` action registered ``chunkwise``: data.extract,
-data.validate), has no retries and a fixed ``chunk_size``. Chains form on the
-threaded backend only (on a cluster the steps' memory guards can't follow the
-chunks). ``NBFLOW_FUSE=0`` turns fusion off.
+data.validate), has no retries and a fixed ``chunk_size``. A sink that takes its
+input chunk by chunk (``chunk_sink``: data.load to Parquet) may end a chain.
+Chains form on the threaded backend only (on a cluster the steps' memory guards
+can't follow the chunks). ``NBFLOW_FUSE=0`` turns fusion off.
+
+``build_lean`` makes the pass one task per chunk that calls each step's chunk
+function in turn (a source's readers, ``apply_chunk``, a check's ``chunk_check``,
+the checkpoint writers, the sink). Where a step offers no such function, ``build``
+makes it a Dask graph of the steps' collections (no sink then).
 
 Steps in a pass run at once, so they share the memory figures: each step's
 budget applies to the growth of the whole pass. When the pass fails (an error,
@@ -32,18 +38,20 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import pandas as pd
 
 from nbflow import events as ev
 from nbflow.actions.registry import Effect, StepContext
-from nbflow.actions.sinks import AtomicWriter
+from nbflow.actions.sinks import AtomicWriter, checkpoint_writer
 from nbflow.engine import chunks
 from nbflow.engine.allocator import release_memory
 from nbflow.engine.memory import reset_async_signal
 from nbflow.engine.outcome import Progress, StepFailed, failure_event
 from nbflow.errors import RunInterrupted, StepError
+from nbflow.parts import part_name
 from nbflow.plan import Plan, PlannedStep
 
 log = logging.getLogger(__name__)
@@ -59,26 +67,38 @@ def chains(plan: Plan, backend_name: str) -> list[tuple[str, ...]]:
         for need in step.needs:
             consumers.setdefault(need, []).append(step.name)
 
-    def fusable(name: str) -> bool:
-        return name in to_run and _fusable(plan.steps[name])
+    def fusable(name: str, tail: bool = False) -> bool:
+        p = plan.steps[name]
+        return name in to_run and (_fusable(p) or tail and _sink(p))
 
     after: dict[str, str] = {}  # step -> the step it hands its chunks to in a pass
     for name in plan.order:
         needs = tuple(plan.steps[name].spec.needs)
-        if fusable(name) and len(needs) == 1 and fusable(needs[0]) and consumers[needs[0]] == [name]:
+        if (fusable(name, tail=True) and len(needs) == 1 and fusable(needs[0])
+                and consumers[needs[0]] == [name]):
             after[needs[0]] = name
     found = []
     for head in (n for n in plan.order if n in after and n not in after.values()):
         chain = [head]
         while chain[-1] in after:
             chain.append(after[chain[-1]])
-        found.append(tuple(chain))
+        if _sink(plan.steps[chain[-1]]) and not all(
+                _lean_step(plan.steps[n], i) for i, n in enumerate(chain)):
+            chain.pop()  # only a pass run chunk by chunk (build_lean) feeds a sink
+        if len(chain) > 1:
+            found.append(tuple(chain))
     return found
 
 
 def _fusable(p: PlannedStep) -> bool:
     return (p.streaming and p.spec.retries == 0 and isinstance(p.chunk_size, int)
             and (p.action.kind == "chunk" or p.action.chunkwise))
+
+
+def _sink(p: PlannedStep) -> bool:
+    """A sink that takes its input chunk by chunk: it may end a pass (it feeds no step)."""
+    return (p.streaming and p.spec.retries == 0 and isinstance(p.chunk_size, int)
+            and p.action.chunk_sink is not None and p.action.chunk_sink(**p.params) is not None)
 
 
 class NotFusable(Exception):
@@ -97,6 +117,8 @@ class Member:
     chunks_total: int = 0
     #: the Dask DataFrame the step computed, when it computes one (not a check)
     result: Any = None
+    #: a sink (data.load) ending the pass: it writes elsewhere, it has no checkpoint data
+    sink: bool = False
 
     @property
     def complete(self) -> bool:
@@ -112,14 +134,125 @@ class Partial:
     frames: dict[int, pd.DataFrame]
 
 
-def build(members: list[Member], first_inputs: dict[str, Any], make_result, make_effect, report
-          ) -> list[tuple[int, int, Any]]:
+#: ``Effect.chunks`` of a step whose chunks a pass computes itself (it has no graph of its own)
+IN_PASS = "computed chunk by chunk in a pass"
+
+
+@dataclass
+class Lean:
+    """What the executor gives ``build_lean``: how a step's chunk function, checkpoint
+    writer and sink writer are made (``chunk_fn(member) -> f(df, chunk)``, ``writer(member)``,
+    ``sink(member, make) -> make(the step's context)``)."""
+
+    chunk_fn: Callable[[Member], Callable[[pd.DataFrame, int], pd.DataFrame]]
+    writer: Callable[[Member], AtomicWriter]
+    sink: Callable[[Member, Callable], AtomicWriter]
+
+
+def build_lean(members: list[Member], first_inputs: dict[str, Any], make_result, lean: Lean, report
+               ) -> tuple[list[tuple[None, int, Any]] | None, Any]:
+    """The pass as one task per chunk: read it, then each step's work on it in turn.
+
+    Each step's chunk function is called directly (``chunk`` actions through
+    ``apply_chunk``, checks through their action's ``chunk_check``) and every step
+    reports its chunk as it goes, so the tasks return nothing. This skips building
+    and optimising a Dask collection per step (tens of ms) and ~12 tasks per chunk.
+    Returns ``(tasks, None)``, or ``(None, head result)`` when a step can't be run
+    this way (then ``build`` makes the graph, reusing the head's result if made).
+    """
+    import dask
+
+    if any(not _lean_step(m.step, i) for i, m in enumerate(members)):
+        return None, None
+    head = members[0]
+    if head.step.action.kind == "step" and head.step.action.chunk_check is None:
+        result = make_result(head, first_inputs)  # a source (data.extract): its partitions
+        if not isinstance(result, _dask_frame()):
+            return None, result
+        source, stages = result, []
+    else:
+        (source,) = first_inputs.values()
+        stages = []
+    readers = chunks.partition_sources(source)
+    parts = list(readers) if readers is not None else source.to_delayed()
+    written: AtomicWriter | None = None  # the last checkpoint the chunk was written to
+    for index, m in enumerate(members):
+        m.chunks_total = len(parts)
+        action = m.step.action
+        if index and action.chunk_sink is not None:
+            make = action.chunk_sink(**m.step.params)
+            m.writer, m.sink = lean.sink(m, make), True
+            # a sink has no data downstream: its result is its Effect (as the step alone gives)
+            m.effect = m.result = Effect(chunks=IN_PASS, finish=m.writer.commit, abort=m.writer.abort)
+            stages.append(partial(_sink_stage, index, written, m.writer, report))
+            continue
+        if action.chunk_check is not None:
+            check, finish = action.chunk_check(**m.step.params)
+            m.effect = Effect(chunks=IN_PASS, finish=finish, passthrough=True)
+            stages.append(partial(_check_stage, index, check, finish, report))
+            continue
+        m.writer = written = lean.writer(m)
+        m.effect = Effect(chunks=IN_PASS, finish=m.writer.commit, abort=m.writer.abort)
+        fn = lean.chunk_fn(m) if action.kind == "chunk" else None
+        stages.append(partial(_write_stage, index, fn, m.writer, report))
+    stages = tuple(stages)
+    return [(None, i, dask.delayed(_chunk_path, pure=False)(i, part, stages))
+            for i, part in enumerate(parts)], None
+
+
+def _lean_step(p: PlannedStep, index: int) -> bool:
+    action = p.action
+    if action.kind == "chunk" or action.chunk_check is not None or index and action.chunk_sink:
+        return len(p.spec.needs) == 1
+    return index == 0 and action.kind == "step" and not p.spec.needs  # a source
+
+
+def _dask_frame():
+    import dask.dataframe as dd
+
+    return dd.DataFrame
+
+
+def _chunk_path(chunk: int, part, stages) -> None:
+    """Chunk ``chunk`` through every step of the pass (``part``: the frame, or its reader)."""
+    df = part() if callable(part) else part
+    for stage in stages:
+        df = stage(df, chunk)
+
+
+def _write_stage(index: int, fn, writer: AtomicWriter, report, df: pd.DataFrame, chunk: int):
+    if fn is not None:
+        df = fn(df, chunk)
+    report(index, chunk, writer.part(df, chunk))
+    return df
+
+
+def _sink_stage(index: int, written: AtomicWriter | None, writer: AtomicWriter, report,
+                df: pd.DataFrame, chunk: int):
+    """Write the chunk to the sink: a copy of the part just checkpointed when the sink
+    would encode it the same way (no second encoding), else the frame itself."""
+    part = written.tmp / part_name(chunk, written.fmt) if written is not None else None
+    if part is not None and writer.encodes_like(part):
+        report(index, chunk, writer.copy(part, chunk))
+    else:
+        report(index, chunk, writer.part(df, chunk))
+    return df
+
+
+def _check_stage(index: int, check, finish, report, df: pd.DataFrame, chunk: int):
+    frame = check(df, chunk)
+    report(index, chunk, frame)
+    return _passed(df, frame, finish)
+
+
+def build(members: list[Member], first_inputs: dict[str, Any], make_result, make_effect, report,
+          first_result: Any = None) -> list[tuple[int, int, Any]]:
     """Build the pass's graph: returns ``(member index, chunk, delayed frame)`` to compute.
 
     ``make_result(member, inputs)`` applies a step's action to its inputs (Dask
-    DataFrames); ``make_effect(member, result)`` wraps a computed DataFrame as its
-    checkpoint sink. Each step's chunk i is computed once: the frame written as its
-    part is the frame the next step reads. A step that writes reports each chunk
+    DataFrames; ``first_result``: the first step's, already made); ``make_effect(member,
+    result)`` wraps a computed DataFrame as its checkpoint sink. Each step's chunk i is
+    computed once: the frame written as its part is the frame the next step reads. A step that writes reports each chunk
     through ``report(member index, chunk, frame)`` as it is written (the returned
     tasks cover the other steps' chunks), which keeps a chunk's path one line of
     tasks.
@@ -130,7 +263,7 @@ def build(members: list[Member], first_inputs: dict[str, Any], make_result, make
     tasks: list[tuple[int, int, Any]] = []
     inputs = first_inputs
     for index, member in enumerate(members):
-        result = make_result(member, inputs)
+        result = first_result if index == 0 and first_result is not None else make_result(member, inputs)
         last = index == len(members) - 1
         if isinstance(result, Effect):
             if not (result.passthrough and result.chunks is not None and result.output is not None):
@@ -215,17 +348,34 @@ class Passes:
 
         tokens: dict[str, str] = {}
 
+        def token(p: PlannedStep) -> str:
+            tokens[p.name] = f"{p.key}-{secrets.token_hex(4)}"
+            return tokens[p.name]
+
         def make_result(m: Member, inputs: dict[str, Any]):
             p = m.step
-            tokens[p.name] = f"{p.key}-{secrets.token_hex(4)}"
             ctx = StepContext(step=p.spec, inputs=inputs, chunk_size=int(p.chunk_size), streaming=True,
-                              workdir=self.workdir, namespace=self.namespace, token=tokens[p.name])
+                              workdir=self.workdir, namespace=self.namespace, token=token(p))
             return chunks.apply_action(p.action, ctx, p.params, self.backend, self.cancel, guards[p.name])
 
         def make_effect(m: Member, result) -> Effect:
             p = m.step
             return chunks.checkpoint_effect(result, self.run_dir.checkpoint_dir(p.name, p.key),
                                             int(p.chunk_size), self._format_for(p))
+
+        def chunk_fn(m: Member):
+            p = m.step
+            return partial(chunks.apply_at, chunks.Tokenized(p.action.func, token(p), guards[p.name], self.cancel),
+                           dict(p.params), int(p.chunk_size))
+
+        def writer(m: Member) -> AtomicWriter:
+            p = m.step
+            return checkpoint_writer(self.run_dir.checkpoint_dir(p.name, p.key), self._format_for(p))
+
+        def sink(m: Member, make) -> AtomicWriter:
+            p = m.step
+            return make(StepContext(step=p.spec, inputs={}, chunk_size=int(p.chunk_size), streaming=True,
+                                    workdir=self.workdir, namespace=self.namespace, token=token(p)))
 
         def report(index: int, chunk: int, frame) -> None:
             m = members[index]
@@ -234,16 +384,18 @@ class Passes:
 
         def on_part(k: int, frame) -> None:
             index, chunk, _ = tasks[k]
-            if members[index].writer is None:  # a writing step reported its chunk itself
+            # a writing step reported its chunk itself, as did every step of a lean pass (None)
+            if index is not None and members[index].writer is None:
                 report(index, chunk, frame)
 
         tasks: list = []
         first = members[0].step
         cancelled, error = False, None
         try:
-            tasks = build(
-                members, {n: chunks.open_checkpoint(self.outputs[n], n) for n in first.spec.needs},
-                make_result, make_effect, report)
+            inputs = {n: chunks.open_checkpoint(self.outputs[n], n) for n in first.spec.needs}
+            lean, head = build_lean(members, inputs, make_result, Lean(chunk_fn, writer, sink), report)
+            tasks = lean if lean is not None else build(members, inputs, make_result, make_effect, report,
+                                                        first_result=head)
             for m in members:
                 progress[m.step.name].total = m.chunks_total
                 self.emit(ev.StepPlanned(run_id=self.run_id, step=m.step.name, chunks_total=m.chunks_total))
@@ -316,9 +468,10 @@ class Passes:
                 guards[m.step.name] = None
                 if guard.tripped is not None:
                     reset_async_signal()
-            if fresh and m.writer is not None:
+            # a sink alone makes a writer of its own: the parts the pass gave it are dropped
+            if (fresh or m.sink) and m.writer is not None:
                 m.writer.abort()
-            restart.append(fresh)
+            restart.append(fresh or m.sink)
         for i, m in enumerate(rest[:count]):
             if restart[i]:
                 partial = Partial(None, {})
@@ -358,4 +511,4 @@ def _culprit(members: list[Member], tokens: dict[str, str], error: BaseException
     return next((i for i, m in enumerate(members) if tokens.get(m.step.name) == token), None)
 
 
-__all__ = ["chains", "build", "Member", "Partial", "Resume", "Passes", "NotFusable", "CheckFailed"]
+__all__ = ["chains", "build", "build_lean", "Lean", "Member", "Partial", "Resume", "Passes", "NotFusable", "CheckFailed"]
