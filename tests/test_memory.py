@@ -370,6 +370,29 @@ def test_allocator_tuning_hands_freed_arrays_back(tune):
         assert retained >= 15
 
 
+def test_the_allocator_is_tuned_once_a_step_passes_half_its_budget(monkeypatch):
+    # tuning makes every array over 128 kB an mmap: paid only once a budget is near
+    import nbflow.engine.memory as memory
+
+    tuned = []
+    monkeypatch.setattr(memory, "tune_allocator", lambda: tuned.append(1))
+    monitor = MemoryMonitor(interval=0.02)  # not started: we feed the readings
+    monitor._sample()
+    assert tuned == []  # no step with a budget
+    guard = monitor.guard("step", 100 * MB)
+    level = monitor._watch_level()
+    assert level == guard.baseline + 50 * MB
+    monkeypatch.setattr(monitor, "local_rss", lambda: level - MB)
+    monitor._check(level)
+    monitor._sample()
+    assert tuned == []
+    monkeypatch.setattr(monitor, "local_rss", lambda: level + MB)
+    monitor._check(level)
+    monitor._sample()
+    assert tuned == [1, 1] and guard.tripped is None
+    monitor.release(guard)
+
+
 def test_free_but_mapped_memory_does_not_trip_the_guard(monkeypatch):
     # RSS over the budget that a trim gives back is not the step's memory
     import nbflow.engine.memory as memory

@@ -3,8 +3,9 @@
 glibc keeps freed heap pages mapped until asked (``malloc_trim``) and, once it has
 seen large blocks freed, keeps those too (its mmap threshold grows up to 32 MB);
 pandas 3 keeps strings in Arrow's own pool. A step's budget is measured in RSS, so
-the monitor tunes the allocator once (``tune_allocator``, like Dask's nanny does
-for its workers) and trims before it trips a step or after one failed.
+the monitor tunes the allocator once a step passes half its budget
+(``tune_allocator``, like Dask's nanny does for its workers) and trims before it
+trips a step or after one failed.
 """
 from __future__ import annotations
 
@@ -59,17 +60,18 @@ def trim_heap() -> None:
         trim(0)  # glibc keeps freed arena pages mapped until asked
 
 
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter number
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
 
 @functools.lru_cache(maxsize=1)
 def tune_allocator() -> bool:
     """Once per process: give large freed blocks back to the OS at once (True if set).
 
-    Setting the trim threshold also freezes glibc's mmap threshold at 128 kB, so
-    NumPy buffers and Arrow arrays are unmapped when freed, and RSS follows what
-    is alive instead of what was ever allocated. Dask's nanny does the same for
-    its workers. Skipped when ``MALLOC_TRIM_THRESHOLD_`` is set (the user chose)
+    Sets glibc's trim threshold to 64 kB and its mmap threshold to 128 kB, so NumPy
+    buffers and Arrow arrays are unmapped when freed, and RSS follows what is alive
+    instead of what was ever allocated (each large array then costs an mmap and its
+    page faults). Dask's nanny does the same for its workers; the monitor calls this
+    once a step passes half its budget. Skipped when ``MALLOC_TRIM_THRESHOLD_`` is set (the user chose)
     or ``NBFLOW_TUNE_MALLOC=0``; a no-op off glibc.
     """
     if os.environ.get("NBFLOW_TUNE_MALLOC", "1").lower() in ("0", "false", "no", "off"):
@@ -81,7 +83,10 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_TRIM_THRESHOLD, 64 * 1024))
+    # the mmap threshold is set too: by the time a step nears its budget, glibc may have
+    # raised it (up to 32 MB) after big blocks were freed, and setting the trim threshold
+    # would freeze it there
+    return bool(mallopt(_M_TRIM_THRESHOLD, 64 * 1024)) and bool(mallopt(_M_MMAP_THRESHOLD, 128 * 1024))
 
 
 __all__ = ["Released", "release_memory", "trim_heap", "tune_allocator"]

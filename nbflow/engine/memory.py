@@ -25,9 +25,11 @@ the step's wrapped chunk functions. What that promises, and what it cannot:
   threshold grows up to 32 MB), so RSS ratchets up over a step that allocates
   and frees big arrays chunk after chunk. Like Dask's nanny for its workers
   (``MALLOC_TRIM_THRESHOLD_=65536``), the monitor sets that trim threshold with
-  ``mallopt`` when it starts, unless the environment already set one or
-  ``NBFLOW_TUNE_MALLOC=0``; and before a guard trips it trims once and looks
-  again, so memory that is free but still mapped never fails a step.
+  ``mallopt`` once a step passes half its budget (from then on every array over
+  128 kB is mapped and unmapped: ~5-9% of the wall time of the demo pipeline,
+  not worth paying while no budget is near), unless the environment already set
+  one or ``NBFLOW_TUNE_MALLOC=0``; and before a guard trips it trims once and
+  looks again, so memory that is free but still mapped never fails a step.
 """
 from __future__ import annotations
 
@@ -163,7 +165,6 @@ class MemoryMonitor:
         if self._thread is not None:
             raise RuntimeError("this MemoryMonitor is already running")
         self._stopping.clear()
-        tune_allocator()
         self._sample()
         self._thread = threading.Thread(target=self._loop, name="nbflow-memory-monitor",
                                         daemon=True)
@@ -229,6 +230,7 @@ class MemoryMonitor:
         try:
             rss = self.local_rss() + sum(self._remote_last.values())  # the remote figure as last asked
             if rss >= level:
+                tune_allocator()  # once per process: a step's memory matters from here on
                 self._hold(self._watched(), rss, sample=False)
         except Exception:  # noqa: BLE001 — the next sample logs what is wrong
             log.debug("memory check failed", exc_info=True)
@@ -253,6 +255,9 @@ class MemoryMonitor:
             chunks = tuple((g.step, c) for g in guards for c in list(g._active.values()))
             sample = MemorySample(time.time(), rss, tuple(g.step for g in guards), chunks, remote)
             self.samples.append(sample)
+            level = self._watch_level()
+            if level is not None and rss >= level:
+                tune_allocator()
             self._hold(guards, rss, sample=True)  # before the callback: a slow view never delays a trip
         except Exception:  # the sampler must outlive surprises; entry checks still guard
             log.exception("memory sampling failed")
