@@ -15,7 +15,7 @@ import yaml
 
 from nbflow.errors import NbflowError, SpecError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     except NbflowError as err:
         print(f"nbflow: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader of our output left (`nbflow runs | head`): what's unprinted goes nowhere,
+        # quietly (else Python complains again when it flushes stdout at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE  # what a shell reports for a program stopped by SIGPIPE
 
 
 def _exit_for(handle) -> int:

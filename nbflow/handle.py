@@ -136,9 +136,21 @@ class Run:
                 self._save()
             observers = list(self.observers)
         for observer in observers:
-            observer(event)
+            try:
+                observer(event)
+            except Exception as err:  # noqa: BLE001 — a broken view never stops the run
+                self._drop_observer(observer, err)
         if isinstance(event, ev.StepFailed) and not event.will_retry:
             self._diagnose(event.step)
+
+    def _drop_observer(self, observer: Observer, err: Exception) -> None:
+        """Stop telling ``observer`` (a log whose pipe closed, a view with a bug): the run, its
+        records and the other observers go on; it is said once, on the logger."""
+        with self._lock:
+            if observer not in self.observers:
+                return
+            self.observers.remove(observer)
+        log.warning("run %s: observer %r raised %r and no longer gets events", self.run_id, observer, err)
 
     def _diagnose(self, step: str | None) -> None:
         """Emit StepDiagnosed for a failed step (or, with None, for an interrupted run).

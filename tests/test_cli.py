@@ -178,6 +178,39 @@ def test_interrupt_exits_130_and_leaves_no_trusted_checkpoint(project):
     assert statuses(latest_run(project))["count"] == "reused"
 
 
+def test_interrupt_in_a_pass_exits_130_and_leaves_no_partial_output(project):
+    wf = project / "slow.yaml"
+    wf.write_text(WORKFLOW.replace("mysteps:tag", "mysteps:slow").replace("chunk_size: 200",
+                                                                          "chunk_size: 20"))
+    # extract, count, slow and the load run as one pass: the load has written parts when it stops
+    proc = subprocess.Popen(nbflow_cmd("run", "slow.yaml"), cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(PYTHONPATH=str(project)))
+    deadline = time.time() + 60
+    while time.time() < deadline and calls(project).count("slow") < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "one pass with" in out and "Traceback" not in err
+    assert latest_run(project)["status"] == "cancelled"
+    assert not (project / "out").exists() or not list((project / "out").iterdir())
+
+
+def test_a_closed_pipe_ends_the_output_quietly_and_the_run_finishes(project):
+    # `nbflow run wf.yaml | head -1`: the log's reader goes away at the first line
+    proc = subprocess.Popen(nbflow_cmd("run", "wf.yaml"), cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=subprocess_env(PYTHONPATH=str(project)))
+    assert b"Workflow started" in proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "no longer gets events" in err
+    run = latest_run(project)
+    assert run["status"] == "completed" and set(statuses(run).values()) == {"completed"}
+    assert len(pd.read_parquet(project / "out" / "tagged.parquet")) == 1000
+    assert not list((project / "out").glob("*.tmp-*"))
+
+
 def test_invalid_workflow_exits_2_with_line_and_no_traceback(project):
     (project / "bad.yaml").write_text(textwrap.dedent("""\
         name: bad
