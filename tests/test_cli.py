@@ -149,15 +149,13 @@ def test_changed_parameter_or_code_invalidates_only_that_step_and_dependents(pro
     assert calls(project).count("tag") > tag_calls
 
 
-def test_interrupt_exits_130_and_leaves_no_trusted_checkpoint(project):
-    wf = project / "slow.yaml"
-    wf.write_text(WORKFLOW.replace("mysteps:tag", "mysteps:slow").replace("chunk_size: 200",
-                                                                          "chunk_size: 20"))
+def _interrupted_slow_run(project: Path, **env: str) -> tuple[str, str]:
+    """``nbflow run`` of the workflow with a slow step, Ctrl-C once three of its chunks began."""
+    (project / "slow.yaml").write_text(WORKFLOW.replace("mysteps:tag", "mysteps:slow").replace(
+        "chunk_size: 200", "chunk_size: 20"))
     proc = subprocess.Popen(nbflow_cmd("run", "slow.yaml"), cwd=project, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            # one step after the other, so count is done when tag is hit
-                            # (a pass cancelled midway: test_executor's cancel tests)
-                            env=subprocess_env(PYTHONPATH=str(project), NBFLOW_FUSE="0"))
+                            env=subprocess_env(PYTHONPATH=str(project), **env))
     deadline = time.time() + 60
     while time.time() < deadline and calls(project).count("slow") < 3:
         time.sleep(0.05)
@@ -165,6 +163,13 @@ def test_interrupt_exits_130_and_leaves_no_trusted_checkpoint(project):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err
+    return out, err
+
+
+def test_interrupt_exits_130_and_leaves_no_trusted_checkpoint(project):
+    # one step after the other, so count is done when tag is hit
+    # (a pass cancelled midway: test_executor's cancel tests)
+    _interrupted_slow_run(project, NBFLOW_FUSE="0")
     run = latest_run(project)
     assert run["status"] == "cancelled"
     assert statuses(run)["tag"] == "cancelled"
@@ -179,19 +184,9 @@ def test_interrupt_exits_130_and_leaves_no_trusted_checkpoint(project):
 
 
 def test_interrupt_in_a_pass_exits_130_and_leaves_no_partial_output(project):
-    wf = project / "slow.yaml"
-    wf.write_text(WORKFLOW.replace("mysteps:tag", "mysteps:slow").replace("chunk_size: 200",
-                                                                          "chunk_size: 20"))
     # extract, count, slow and the load run as one pass: the load has written parts when it stops
-    proc = subprocess.Popen(nbflow_cmd("run", "slow.yaml"), cwd=project, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env(PYTHONPATH=str(project)))
-    deadline = time.time() + 60
-    while time.time() < deadline and calls(project).count("slow") < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out + err
-    assert "one pass with" in out and "Traceback" not in err
+    out, _ = _interrupted_slow_run(project)
+    assert "one pass with" in out
     assert latest_run(project)["status"] == "cancelled"
     assert not (project / "out").exists() or not list((project / "out").iterdir())
 
