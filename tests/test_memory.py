@@ -370,7 +370,7 @@ def test_allocator_tuning_hands_freed_arrays_back(tune):
         assert retained >= 15
 
 
-def test_the_allocator_is_tuned_once_a_step_passes_half_its_budget(monkeypatch):
+def test_the_allocator_is_tuned_once_a_step_nears_its_budget(monkeypatch):
     # tuning makes every array over 128 kB an mmap: paid only once a budget is near
     import nbflow.engine.memory as memory
 
@@ -380,8 +380,13 @@ def test_the_allocator_is_tuned_once_a_step_passes_half_its_budget(monkeypatch):
     monitor._sample()
     assert tuned == []  # no step with a budget
     guard = monitor.guard("step", 100 * MB)
-    level = monitor._watch_level()
-    assert level == guard.baseline + 50 * MB
+    level = monitor._watch_level(memory.TUNE_AT)
+    assert level == guard.baseline + 80 * MB
+    # past half the budget the guards look (the glances): not yet a reason to tune
+    monkeypatch.setattr(monitor, "local_rss", lambda: guard.baseline + 60 * MB)
+    monitor._check(monitor._watch_level())
+    monitor._sample()
+    assert tuned == []
     monkeypatch.setattr(monitor, "local_rss", lambda: level - MB)
     monitor._check(level)
     monitor._sample()

@@ -3,7 +3,7 @@
 glibc keeps freed heap pages mapped until asked (``malloc_trim``) and, once it has
 seen large blocks freed, keeps those too (its mmap threshold grows up to 32 MB);
 pandas 3 keeps strings in Arrow's own pool. A step's budget is measured in RSS, so
-the monitor tunes the allocator once a step passes half its budget
+the monitor tunes the allocator once a step passes 80% of its budget
 (``tune_allocator``, like Dask's nanny does for its workers) and trims before it
 trips a step or after one failed.
 """
@@ -71,7 +71,7 @@ def tune_allocator() -> bool:
     buffers and Arrow arrays are unmapped when freed, and RSS follows what is alive
     instead of what was ever allocated (each large array then costs an mmap and its
     page faults). Dask's nanny does the same for its workers; the monitor calls this
-    once a step passes half its budget. Skipped when ``MALLOC_TRIM_THRESHOLD_`` is set (the user chose)
+    once a step passes 80% of its budget. Skipped when ``MALLOC_TRIM_THRESHOLD_`` is set (the user chose)
     or ``NBFLOW_TUNE_MALLOC=0``; a no-op off glibc.
     """
     if os.environ.get("NBFLOW_TUNE_MALLOC", "1").lower() in ("0", "false", "no", "off"):

@@ -25,9 +25,9 @@ the step's wrapped chunk functions. What that promises, and what it cannot:
   threshold grows up to 32 MB), so RSS ratchets up over a step that allocates
   and frees big arrays chunk after chunk. Like Dask's nanny for its workers
   (``MALLOC_TRIM_THRESHOLD_=65536``), the monitor sets that trim threshold with
-  ``mallopt`` once a step passes half its budget (from then on every array over
-  128 kB is mapped and unmapped: ~5-9% of the wall time of the demo pipeline,
-  not worth paying while no budget is near), unless the environment already set
+  ``mallopt`` once a step passes 80% of its budget (``TUNE_AT``; from then on every
+  array over 128 kB is mapped and unmapped: 5-9% of the demo pipeline's wall time at
+  1M rows, ~30% at 10M, not worth paying while no budget is near), unless the environment already set
   one or ``NBFLOW_TUNE_MALLOC=0``; and before a guard trips it trims once and
   looks again, so memory that is free but still mapped never fails a step.
 """
@@ -93,6 +93,8 @@ class StepMemory:
 
 #: seconds between the glances at RSS between two samples (not recorded as samples)
 FINE = 0.01
+#: the share of a step's budget past which the monitor tunes the allocator (``tune_allocator``)
+TUNE_AT = 0.8
 
 
 class MemoryMonitor:
@@ -219,18 +221,25 @@ class MemoryMonitor:
                 return
             self._sample()
 
-    def _watch_level(self) -> int | None:
-        """The RSS past which some guard is over half its budget; None: no budget to watch."""
+    def _watch_level(self, share: float = 0.5) -> int | None:
+        """The RSS past which some guard is over ``share`` of its budget; None: no budget to watch."""
         with self._lock:
-            levels = [g.baseline + g.budget // 2 for g in self._guards
+            levels = [g.baseline + int(g.budget * share) for g in self._guards
                       if g.budget is not None and g.tripped is None and not g._released]
         return min(levels) if levels else None
+
+    def _tune_near_budget(self, rss: int) -> None:
+        """Tune the allocator (once per process) when a step is near its budget: from there
+        memory that is freed but still mapped could trip it."""
+        level = self._watch_level(TUNE_AT)
+        if level is not None and rss >= level:
+            tune_allocator()
 
     def _check(self, level: int) -> None:
         try:
             rss = self.local_rss() + sum(self._remote_last.values())  # the remote figure as last asked
             if rss >= level:
-                tune_allocator()  # once per process: a step's memory matters from here on
+                self._tune_near_budget(rss)
                 self._hold(self._watched(), rss, sample=False)
         except Exception:  # noqa: BLE001 — the next sample logs what is wrong
             log.debug("memory check failed", exc_info=True)
@@ -255,9 +264,7 @@ class MemoryMonitor:
             chunks = tuple((g.step, c) for g in guards for c in list(g._active.values()))
             sample = MemorySample(time.time(), rss, tuple(g.step for g in guards), chunks, remote)
             self.samples.append(sample)
-            level = self._watch_level()
-            if level is not None and rss >= level:
-                tune_allocator()
+            self._tune_near_budget(rss)
             self._hold(guards, rss, sample=True)  # before the callback: a slow view never delays a trip
         except Exception:  # the sampler must outlive surprises; entry checks still guard
             log.exception("memory sampling failed")
