@@ -71,8 +71,8 @@ def tune_allocator() -> bool:
     buffers and Arrow arrays are unmapped when freed, and RSS follows what is alive
     instead of what was ever allocated (each large array then costs an mmap and its
     page faults). Dask's nanny does the same for its workers; the monitor calls this
-    once a step passes 80% of its budget. Skipped when ``MALLOC_TRIM_THRESHOLD_`` is set (the user chose)
-    or ``NBFLOW_TUNE_MALLOC=0``; a no-op off glibc.
+    once a step passes 80% of its budget. Skipped when ``MALLOC_TRIM_THRESHOLD_`` is
+    set (the user chose) or ``NBFLOW_TUNE_MALLOC=0``; a no-op off glibc.
     """
     if os.environ.get("NBFLOW_TUNE_MALLOC", "1").lower() in ("0", "false", "no", "off"):
         return False

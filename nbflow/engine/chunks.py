@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -39,34 +40,38 @@ def open_checkpoint(path: str | None, step: str) -> dd.DataFrame:
         raise StepError(f"the output of step '{step}' has no data files at {path}", {"step": step})
     empty = part_schema(files[0]).empty_table().to_pandas()
     ddf = dd.from_map(_read_part, files, meta=empty, enforce_metadata=False)
-    with _PARTS_LOCK:  # steps open their inputs from several threads
-        _PARTS[ddf._name] = tuple(files)
-        while len(_PARTS) > 256:  # names of collections long gone
-            del _PARTS[next(iter(_PARTS))]
-    register_sources(ddf, [partial(_read_part, f) for f in files])
+    register_sources(ddf, [partial(_read_part, f) for f in files], files=files)
     return ddf
 
 
-#: collection name -> its part files, for collections that are a checkpoint read as is
-_PARTS: dict[str, tuple[str, ...]] = {}
-_PARTS_LOCK = threading.Lock()
-#: collection name -> one function per partition that reads it (no arguments, no Dask)
-_SOURCES: dict[str, tuple[Callable[[], pd.DataFrame], ...]] = {}
+@dataclass(frozen=True)
+class _Source:
+    #: one function per partition that reads it (no arguments, no Dask)
+    readers: tuple[Callable[[], pd.DataFrame], ...]
+    #: the part files, one per partition, when the collection is a checkpoint read as is
+    files: tuple[str, ...] | None = None
 
 
-def register_sources(ddf, readers: list[Callable[[], pd.DataFrame]]) -> None:
+#: collection name -> how its partitions are read, for collections that only read
+_SOURCES: dict[str, _Source] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+def register_sources(ddf, readers: list[Callable[[], pd.DataFrame]], files: list[str] | None = None) -> None:
     """Note how each partition of ``ddf`` (a collection that only reads) is read, so a pass
-    (engine/fusion.py) can call the readers itself instead of materialising Dask's graph."""
-    with _PARTS_LOCK:
-        _SOURCES[ddf._name] = tuple(readers)
-        while len(_SOURCES) > 256:
+    (engine/fusion.py) can call the readers itself instead of materialising Dask's graph,
+    and a sink can copy a checkpoint's ``files`` instead of decoding them."""
+    with _SOURCES_LOCK:  # steps open their inputs from several threads
+        _SOURCES[ddf._name] = _Source(tuple(readers), tuple(files) if files is not None else None)
+        while len(_SOURCES) > 256:  # names of collections long gone
             del _SOURCES[next(iter(_SOURCES))]
 
 
 def partition_sources(ddf) -> tuple[Callable[[], pd.DataFrame], ...] | None:
     """The readers ``register_sources`` noted for this very collection (any operation on it
     gives a new name, so only the collection as read matches), else None."""
-    return _SOURCES.get(getattr(ddf, "_name", None))
+    source = _SOURCES.get(getattr(ddf, "_name", None))
+    return source.readers if source is not None else None
 
 
 def checkpoint_parts(ddf) -> tuple[str, ...] | None:
@@ -76,7 +81,8 @@ def checkpoint_parts(ddf) -> tuple[str, ...] | None:
     a new name, so only the very collection ``open_checkpoint`` returned matches:
     a sink can then copy the files instead of decoding and re-encoding them.
     """
-    return _PARTS.get(getattr(ddf, "_name", None))
+    source = _SOURCES.get(getattr(ddf, "_name", None))
+    return source.files if source is not None else None
 
 
 def _read_part(path: str, columns: list[str] | None = None) -> pd.DataFrame:

@@ -25,11 +25,12 @@ the step's wrapped chunk functions. What that promises, and what it cannot:
   threshold grows up to 32 MB), so RSS ratchets up over a step that allocates
   and frees big arrays chunk after chunk. Like Dask's nanny for its workers
   (``MALLOC_TRIM_THRESHOLD_=65536``), the monitor sets that trim threshold with
-  ``mallopt`` once a step passes 80% of its budget (``TUNE_AT``; from then on every
-  array over 128 kB is mapped and unmapped: 5-9% of the demo pipeline's wall time at
-  1M rows, ~30% at 10M, not worth paying while no budget is near), unless the environment already set
-  one or ``NBFLOW_TUNE_MALLOC=0``; and before a guard trips it trims once and
-  looks again, so memory that is free but still mapped never fails a step.
+  ``mallopt`` once a step passes 80% of its budget (``TUNE_AT``; from then on
+  every array over 128 kB is mapped and unmapped: 5-9% of the demo pipeline's
+  wall time at 1M rows, ~30% at 10M, not worth paying while no budget is near),
+  unless the environment already set one or ``NBFLOW_TUNE_MALLOC=0``; and before
+  a guard trips it trims once and looks again, so memory that is free but still
+  mapped never fails a step.
 """
 from __future__ import annotations
 
