@@ -56,6 +56,32 @@ def test_a_part_reads_back_with_the_dtypes_it_was_written_with(tmp_path, fmt):
     assert parts.format_of(path) == fmt
 
 
+@pytest.mark.parametrize("fmt", parts.FORMATS)
+def test_a_part_is_converted_on_the_calling_thread(tmp_path, fmt, monkeypatch):
+    """A pass runs a chunk per core: Arrow's default starts a Python thread pool in every
+    from_pandas of a frame this size, which only adds thread switches."""
+    import concurrent.futures
+
+    started = []
+
+    class Counting(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            started.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Counting)
+    df = frame(20_000)
+    import pyarrow as pa
+
+    pa.Table.from_pandas(df)  # the default: the check below would see this one
+    assert started, "Arrow no longer starts a pool for from_pandas: the test needs a new probe"
+    started.clear()
+    path = tmp_path / parts.part_name(0, fmt)
+    parts.write_part(df, path, fmt)
+    pd.testing.assert_frame_equal(parts.read_part(path), df)
+    assert started == []
+
+
 def test_part_files_are_listed_in_chunk_order_whatever_their_format(tmp_path):
     for chunk, fmt in [(2, "arrow"), (0, "parquet"), (1, "arrow")]:
         parts.write_part(frame(5), tmp_path / parts.part_name(chunk, fmt), fmt)

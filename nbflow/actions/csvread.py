@@ -143,10 +143,12 @@ def arrow_strings() -> bool:
 def _to_pandas(table, strings: bool) -> pd.DataFrame:
     import pyarrow as pa
 
+    from nbflow.parts import to_frame
+
     if not strings:
-        return table.to_pandas()
+        return to_frame(table)
     arrow = pd.StringDtype("pyarrow")
-    return table.to_pandas(types_mapper={pa.string(): arrow, pa.large_string(): arrow}.get)
+    return to_frame(table, types_mapper={pa.string(): arrow, pa.large_string(): arrow}.get)
 
 
 def _strings(df: pd.DataFrame, strings: bool) -> pd.DataFrame:

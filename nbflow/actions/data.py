@@ -22,6 +22,7 @@ from nbflow.actions import csvread
 from nbflow.actions.registry import Effect, StepContext, action
 from nbflow.actions.sinks import WRITE_META, AtomicWriter, copy_part, sink
 from nbflow.errors import InputNotFound, SchemaError, StepError
+from nbflow.parts import to_frame
 
 FORMATS = ("csv", "tsv", "parquet", "jsonl")
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
@@ -212,7 +213,7 @@ def _read_row_group(path: str, group: int | None, columns: list[str] | None):
 
 def _slice_table(table, j: int, pieces: int) -> pd.DataFrame:
     start, stop = j * table.num_rows // pieces, (j + 1) * table.num_rows // pieces
-    return table.slice(start, stop - start).to_pandas()
+    return to_frame(table.slice(start, stop - start))
 
 
 # -- data.validate ------------------------------------------------------------------------
