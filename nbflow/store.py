@@ -44,9 +44,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
     parts waits for those too (tens of ms each here). Like the part files it describes, it may
     lose its last writes to an OS crash or power cut, never its shape.
     """
+    text = json.dumps(data, indent=1, default=str)  # one write: json.dump writes every token
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, default=str)
+        fh.write(text)
     os.replace(tmp, path)
 
 
