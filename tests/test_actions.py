@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nbflow.actions import Effect, StepContext, registered, resolve
-from nbflow.actions.sinks import cleanup_temp, parquet_sink
+from nbflow.actions.sinks import parquet_sink, recover
 from nbflow.errors import InputNotFound, SchemaError, StepError
 from nbflow.spec import StepSpec
 
@@ -348,15 +348,77 @@ def test_load_refuses_to_overwrite_when_told(tmp_path):
     assert (tmp_path / "out.csv").read_text() == "keep\n"
 
 
-def test_cleanup_temp_restores_a_backup_left_between_renames(tmp_path):
-    dest = tmp_path / "out.parquet"
-    (tmp_path / "out.parquet.old-abc").mkdir()
-    (tmp_path / "out.parquet.old-abc" / "part-00000.parquet").write_text("old")
-    (tmp_path / "out.parquet.tmp-def").mkdir()
-    removed = cleanup_temp(dest)
-    assert removed == [tmp_path / "out.parquet.tmp-def"]
-    assert (dest / "part-00000.parquet").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
+# A writer killed outright (SIGKILL: no finally, no abort) in a real process, at two places
+KILLED_WRITER = """
+import os, signal, sys
+import pandas as pd
+from nbflow.actions.sinks import AtomicWriter
+dest, where = sys.argv[1], sys.argv[2]
+writer = AtomicWriter(dest, "parquet", {"compression": "snappy"})
+writer.part(pd.DataFrame({"id": [3, 4]}), 0)
+if where == "between-renames":
+    rename = os.rename
+    def rename_then_die(src, dst):
+        rename(src, dst)
+        if ".old-" in str(dst):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.rename = rename_then_die
+    writer.commit()
+elif where == "while-writing":
+    os.kill(os.getpid(), signal.SIGKILL)
+else:  # alive: still writing when the next writer comes
+    print("written", flush=True)
+    sys.stdin.read()
+"""
+
+
+def killed_writer(dest: Path, where: str):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(dest), where],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def old_dataset(dest: Path) -> None:
+    dest.mkdir()
+    pd.DataFrame({"id": [1, 2]}).to_parquet(dest / "part-00000.parquet")
+
+
+@pytest.mark.parametrize("where", ["while-writing", "between-renames"])
+def test_what_a_killed_writer_left_is_recovered_by_the_next(tmp_path, where):
+    dest = tmp_path / "out"
+    old_dataset(dest)
+    proc = killed_writer(dest, where)
+    assert proc.wait(timeout=60) == -9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if where == "between-renames":  # the old data moved aside, the new not yet in: no `out`
+        assert "out" not in left and any(n.startswith("out.old-") for n in left)
+    assert any(n.startswith("out.tmp-") for n in left) or where == "between-renames"
+    removed = recover(dest)
+    assert removed and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert pd.read_parquet(dest)["id"].tolist() == [1, 2]  # the old data, whole
+
+
+def test_a_new_writer_recovers_first_and_a_live_writers_parts_are_left_alone(tmp_path):
+    dest = tmp_path / "out"
+    old_dataset(dest)
+    dead = killed_writer(dest, "while-writing")
+    assert dead.wait(timeout=60) == -9
+    live = killed_writer(dest, "alive")
+    try:
+        assert live.stdout.readline() == "written\n"
+        (live_tmp,) = [p for p in tmp_path.glob("out.tmp-*") if f"-{live.pid}-" in p.name]
+        load = resolve("data.load").func
+        run(load(ctx(tmp_path, data=source(500)), "out"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live_tmp.name])
+        assert len(pd.read_parquet(dest)) == len(records())
+    finally:
+        live.communicate("", timeout=60)
+    assert recover(dest) == [live_tmp]  # its process is gone without a commit: abandoned
+    # a name without host and process (not nbflow's, or an older nbflow's) is never touched
+    (tmp_path / "out.tmp-abc").mkdir()
+    assert recover(dest) == []
 
 
 # -- load from a checkpoint: parts copied, not re-encoded --------------------------------------

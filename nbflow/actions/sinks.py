@@ -2,12 +2,21 @@
 
 Used by ``data.load`` and by the engine for step checkpoints, so a failed or interrupted
 run never leaves a half-written output: ``dest`` holds the complete old or new data.
+
+A process killed outright (SIGKILL, the OOM killer) can't tidy up: it leaves its
+``<dest>.tmp-*`` parts, or, killed between the two renames that swap a folder
+in, its ``<dest>.old-*`` backup with ``dest`` missing. Those names carry the
+writer's host and process id, and the next writer of ``dest`` puts such a backup
+back and deletes the parts once that process is gone (``recover``); a live
+writer's files, or another machine's, are left alone.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -58,7 +67,8 @@ def copy_part(source: str, chunk: int, writer: AtomicWriter) -> pd.DataFrame:
 
 
 class AtomicWriter:
-    """Part files in ``<dest>.tmp-<id>``, committed by a rename (or a concatenation for CSV).
+    """Part files in ``<dest>.tmp-<owner>-<id>``, committed by a rename (or a concatenation
+    for CSV). What a killed writer left beside ``dest`` is recovered first (``recover``).
 
     ``fmt``: ``parquet`` or ``arrow`` (a folder of part files), or ``csv`` (one file).
     """
@@ -69,7 +79,8 @@ class AtomicWriter:
         self.fmt = fmt
         self.options = dict(options)
         self.columns = columns
-        self.tmp = self.dest.with_name(f"{self.dest.name}.tmp-{uuid.uuid4().hex[:12]}")
+        recover(self.dest)
+        self.tmp = self.dest.with_name(f"{self.dest.name}.tmp-{_owner()}-{uuid.uuid4().hex[:12]}")
         self.overwrite = bool(overwrite)
         self._result: dict | None = None
 
@@ -152,7 +163,7 @@ class AtomicWriter:
         if not (self.dest.exists() or self.dest.is_symlink()):
             os.rename(self.tmp, self.dest)
             return
-        backup = self.dest.with_name(f"{self.dest.name}.old-{uuid.uuid4().hex[:12]}")
+        backup = self.dest.with_name(f"{self.dest.name}.old-{_owner()}-{uuid.uuid4().hex[:12]}")
         os.rename(self.dest, backup)
         try:
             os.rename(self.tmp, self.dest)
@@ -195,23 +206,55 @@ class AtomicWriter:
             self.tmp.with_name(self.tmp.name + ".csv").unlink(missing_ok=True)
 
 
-def cleanup_temp(dest: str | Path) -> list[Path]:
+def recover(dest: str | Path) -> list[Path]:
     """Tidy what a killed writer left beside ``dest``; returns the paths removed.
 
-    Deletes ``<dest>.tmp-*`` parts, and puts a ``<dest>.old-*`` backup back in place
-    if the process died between the two renames of a commit (else deletes it).
-    Call it only when no other run is writing ``dest``.
+    Only files of a writer on this machine whose process is gone are touched: a
+    ``<dest>.old-*`` backup is put back in place if ``dest`` is missing (the writer
+    died between the two renames of a commit; its run never recorded the new
+    data), else deleted, and its ``<dest>.tmp-*`` parts are deleted.
     """
     dest = Path(dest)
-    removed = []
-    backups = sorted(dest.parent.glob(f"{glob.escape(dest.name)}.old-*"),
+    if not dest.parent.is_dir():
+        return []
+    name = glob.escape(dest.name)
+    backups = sorted((p for p in dest.parent.glob(f"{name}.old-*") if _orphaned(p, dest.name, "old")),
                      key=lambda p: p.stat().st_mtime)
-    if backups and not dest.exists():
+    if backups and not (dest.exists() or dest.is_symlink()):
         os.rename(backups.pop(), dest)
-    for leftover in [*dest.parent.glob(f"{glob.escape(dest.name)}.tmp-*"), *backups]:
+    removed = []
+    for leftover in [*(p for p in dest.parent.glob(f"{name}.tmp-*") if _orphaned(p, dest.name, "tmp")),
+                     *backups]:
         _remove(leftover)
         removed.append(leftover)
     return removed
+
+
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner() -> str:
+    """Who writes: this machine and process (``<host hash>-<pid>``)."""
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _orphaned(path: Path, dest_name: str, kind: str) -> bool:
+    """True if ``path`` (``<dest_name>.<kind>-<host>-<pid>-<id>``) was left by a process of
+    this machine that no longer runs."""
+    host, _, rest = path.name[len(dest_name) + len(kind) + 2:].partition("-")
+    pid = rest.partition("-")[0]
+    if host != _HOST or not pid.isdigit():
+        return False  # another machine's writer, or a name nbflow didn't make
+    pid = int(pid)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
 
 
 def _remove(path: Path) -> None:
