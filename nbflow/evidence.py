@@ -21,7 +21,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from nbflow.engine.memory import reset_async_signal
+from nbflow.engine.guard import reset_async_signal
 from nbflow.parts import part_files, part_rows, read_head
 from nbflow.tracebacks import cell_name, is_user_file
 

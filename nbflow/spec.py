@@ -7,7 +7,6 @@ one SpecError, so a user fixes a workflow in one pass.
 """
 from __future__ import annotations
 
-import difflib
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -19,6 +18,17 @@ import yaml
 
 from nbflow.errors import Problem, SpecError
 from nbflow.units import parse_size
+from nbflow.yamlnodes import (
+    children,
+    close_matches,
+    compose,
+    did_you_mean,
+    is_null,
+    kind_of,
+    position,
+    position_in,
+    syntax_error,
+)
 
 #: execution settings, accepted at step level, inside params, or under defaults
 SETTINGS = ("chunk_size", "max_memory", "streaming", "retries", "cache")
@@ -28,7 +38,7 @@ PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: step names name checkpoint folders, so they must be safe file names everywhere
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MAP, _SEQ, _STR, _NULL, _MERGE = (f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "null", "merge"))
+_MAP, _SEQ, _STR, _MERGE = (f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "merge"))
 
 
 @dataclass(frozen=True)
@@ -108,13 +118,13 @@ def parse(text: str, *, filename: str = "workflow.yaml",
     problem found.
     """
     try:
-        root = _compose(text)
+        root = compose(text)
     except yaml.YAMLError as err:
-        raise _syntax_error(err, text, filename) from err
+        raise syntax_error(err, text, filename) from err
     r = _Reader(text)
     if root is None or not (isinstance(root, yaml.MappingNode) and root.tag == _MAP):
         what = "empty" if root is None else f"{r.kind(root)}, not a mapping"
-        raise SpecError([Problem(f"the workflow is {what}", *(_pos(root) if root else (1, None)),
+        raise SpecError([Problem(f"the workflow is {what}", *(position(root) if root else (1, None)),
                                  hint="start the file with name: and steps:")], filename)
     top: dict[str, tuple[yaml.Node, yaml.Node]] = {}
     misspelt: set[str] = set()
@@ -122,9 +132,9 @@ def parse(text: str, *, filename: str = "workflow.yaml",
         if key in TOP_KEYS:
             top[key] = (key_node, value_node)
         else:
-            misspelt.update(close := _close(key, TOP_KEYS))
+            misspelt.update(close := close_matches(key, TOP_KEYS))
             r.problem(f"unknown key '{key}'", key_node,
-                      _did_you_mean(close) or f"the workflow's keys are {', '.join(TOP_KEYS)}")
+                      did_you_mean(close) or f"the workflow's keys are {', '.join(TOP_KEYS)}")
     for key in ("name", "steps"):
         if key not in top and key not in misspelt:  # a misspelt key already says "did you mean"
             r.problem(f"the workflow has no {key}:", root, f"add {key}: " + (
@@ -142,19 +152,6 @@ def parse(text: str, *, filename: str = "workflow.yaml",
                         parameters=r.params, defaults=defaults, text=text, filename=filename)
 
 
-#: libyaml's parser, where PyYAML was built with it: the same nodes and marks, ~8x faster
-_FAST_LOADER = getattr(yaml, "CSafeLoader", None)
-
-
-def _compose(text: str) -> yaml.Node | None:
-    if _FAST_LOADER is not None:
-        try:
-            return yaml.compose(text, Loader=_FAST_LOADER)
-        except yaml.YAMLError:
-            pass  # the pure-Python parser says what is wrong in the words users are shown
-    return yaml.compose(text, Loader=yaml.SafeLoader)
-
-
 class _Reader:
     """Builds values from the composed nodes, filling placeholders, and collects every problem."""
 
@@ -169,7 +166,7 @@ class _Reader:
         self._building: set[int] = set()  # guards against recursive aliases
 
     def problem(self, message: str, where: yaml.Node | tuple | None = None, hint: str | None = None) -> None:
-        line, column = _pos(where) if isinstance(where, yaml.Node) else (where or (None, None))
+        line, column = position(where) if isinstance(where, yaml.Node) else (where or (None, None))
         self.problems.append(Problem(message, line, column, hint or None))
 
     def construct(self, node: yaml.Node) -> Any:
@@ -177,7 +174,7 @@ class _Reader:
             return self.loader.construct_object(node, deep=True)
         except yaml.YAMLError as err:  # an unsafe or unknown tag, a bad !!int, a recursive alias, ...
             self.problem(f"invalid value: {getattr(err, 'problem', None) or err}",
-                         _pos(getattr(err, "problem_mark", None) or node), "remove the tag or fix the value")
+                         position(getattr(err, "problem_mark", None) or node), "remove the tag or fix the value")
             self.loader = yaml.SafeLoader(self.text)  # a failed construction leaves state behind
             return None
 
@@ -190,7 +187,7 @@ class _Reader:
             try:
                 self.loader.flatten_mapping(node)  # own keys come after merged ones, so they win
             except yaml.YAMLError as err:
-                self.problem(f"invalid merge: {err.problem}", _pos(err.problem_mark or node))
+                self.problem(f"invalid merge: {err.problem}", position(err.problem_mark or node))
         for key_node, value_node in node.value:
             key = self.construct(key_node)
             try:
@@ -210,7 +207,7 @@ class _Reader:
     def mapping(self, node: yaml.Node | None, what: str) -> list[tuple[Any, yaml.Node, yaml.Node]]:
         if isinstance(node, yaml.MappingNode) and node.tag == _MAP:
             return self.pairs(node)
-        if node is not None and not _is_null(node):
+        if node is not None and not is_null(node):
             self.problem(f"{what} must be a mapping, not {self.kind(node)}", node,
                          f"write {what}: {{key: value, ...}} or one 'key: value' per indented line")
         return []
@@ -239,7 +236,7 @@ class _Reader:
 
     def kind(self, node: yaml.Node) -> str:
         return {yaml.MappingNode: "a mapping", yaml.SequenceNode: "a list"}.get(type(node)) \
-            or _kind(self.construct(node))
+            or kind_of(self.construct(node))
 
     def scan(self, node: yaml.Node, seen: set[int]) -> None:
         """Record each placeholder written in a string value under ``node``, at its exact position."""
@@ -249,13 +246,13 @@ class _Reader:
         if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
             source = self.text[node.start_mark.index:node.end_mark.index]
             for name in dict.fromkeys(PLACEHOLDER.findall(node.value)):
-                self.uses.append((name, *_position_in(source, "{" + name + "}", node)))
+                self.uses.append((name, *position_in(source, "{" + name + "}", node)))
         elif isinstance(node, yaml.MappingNode) and node.flow_style and len(node.value) == 1:
             key_node, value_node = node.value[0]
-            if key_node.tag == _STR and _IDENTIFIER.fullmatch(key_node.value) and _is_null(value_node) \
+            if key_node.tag == _STR and _IDENTIFIER.fullmatch(key_node.value) and is_null(value_node) \
                     and value_node.value == "":
                 self.bare.append((key_node.value, node))
-        for child in _children(node):
+        for child in children(node):
             self.scan(child, seen)
 
     def declared_parameters(self, entry: tuple | None) -> dict[str, Any]:
@@ -279,14 +276,14 @@ class _Reader:
             if key in used:
                 self.params[key] = value
             else:
-                close = _did_you_mean(_close(key, used))
+                close = did_you_mean(close_matches(key, used))
                 self.problem(f"parameter '{key}' is not used by the workflow", None,
                              f"declare it under parameters: or write {{{key}}} where it goes"
                              + (f" ({close})" if close else ""))
         for name, line, column in self.uses:
             if name not in self.params:
                 self.problem(f"unknown parameter '{name}' in '{{{name}}}'", (line, column),
-                             _did_you_mean(_close(name, self.params))
+                             did_you_mean(close_matches(name, self.params))
                              or f"declare it under parameters: or pass it with -p {name}=VALUE")
         for name, node in self.bare:
             if name in self.params:
@@ -305,7 +302,7 @@ class _Reader:
             if key in SETTINGS:
                 self.setting(defaults, key, self.value(value_node), value_node)
             else:
-                self.problem(f"unknown key '{key}' under defaults:", key_node, _did_you_mean(_close(key, SETTINGS))
+                self.problem(f"unknown key '{key}' under defaults:", key_node, did_you_mean(close_matches(key, SETTINGS))
                              or f"defaults: holds execution settings only: {', '.join(SETTINGS)}")
         return defaults
 
@@ -315,7 +312,7 @@ class _Reader:
             return entry[1].value  # as written: 1.10 stays "1.10", not the float's "1.1"
         if not entry or isinstance(value, str) and value.strip() or (value is None and what != "name"):
             return value
-        self.problem(f"{what} must be text, not {_kind(value)}", entry[1], f'quote it: {what}: "..."')
+        self.problem(f"{what} must be text, not {kind_of(value)}", entry[1], f'quote it: {what}: "..."')
         return None
 
     def steps(self, entry: tuple | None, defaults: dict[str, Any],
@@ -323,7 +320,7 @@ class _Reader:
         if entry is None:
             return ()
         key_node, node = entry
-        if _is_null(node) or (isinstance(node, yaml.SequenceNode) and not node.value):
+        if is_null(node) or (isinstance(node, yaml.SequenceNode) and not node.value):
             self.problem("the workflow has no steps", key_node,
                          "add at least one step under steps:, e.g. '- name: load' with an action:")
             return ()
@@ -350,13 +347,13 @@ class _Reader:
         label = f"step '{name}'" if isinstance(name, str) else f"the step at line {line}"
         for key, key_node, _ in pairs:
             if key not in STEP_KEYS:
-                self.problem(f"{label} has unknown key '{key}'", key_node, _did_you_mean(_close(key, STEP_KEYS))
+                self.problem(f"{label} has unknown key '{key}'", key_node, did_you_mean(close_matches(key, STEP_KEYS))
                              or f"a step's keys are {', '.join(STEP_KEYS)}")
         if "name" not in fields:
             self.problem(f"{label} has no name", node,
                          "add name: (letters, digits, '-' and '_'; it names the step's checkpoint folder)")
         elif not isinstance(name, str):
-            self.problem(f"{label}: name must be text, not {_kind(name)}", fields["name"][1],
+            self.problem(f"{label}: name must be text, not {kind_of(name)}", fields["name"][1],
                          f'quote it: name: "{name}"')
         elif not SAFE_NAME.fullmatch(name):
             safe = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "step"
@@ -366,9 +363,9 @@ class _Reader:
             self.problem(f"{label} has no action", node, "add action: with a built-in like data.transform, "
                          "a notebook function's name or 'package.module:function'")
         elif not isinstance(action, str) or not action:
-            self.problem(f"{label}: action must be an action's name, not {_kind(action)}", fields["action"][1])
+            self.problem(f"{label}: action must be an action's name, not {kind_of(action)}", fields["action"][1])
         elif action_check and not PLACEHOLDER.search(action) and (close := action_check(action)) is not None:
-            self.problem(f"{label}: unknown action '{action}'", fields["action"][1], _did_you_mean(close) or
+            self.problem(f"{label}: unknown action '{action}'", fields["action"][1], did_you_mean(close) or
                          "use a built-in (data.extract, data.validate, data.transform, data.load), a function "
                          "defined in the notebook, one registered with @nbflow.action, or 'package.module:function'")
         needs = []  # (name, node): the nodes locate unknown needs and cycles
@@ -378,14 +375,14 @@ class _Reader:
             if isinstance(need, str):
                 needs.append((need, need_node))
             else:
-                self.problem(f"{label}: needs must name steps, not {_kind(need)}", need_node,
+                self.problem(f"{label}: needs must name steps, not {kind_of(need)}", need_node,
                              "write needs: [step-a, step-b]")
 
         params: dict[str, Any] = {}
         settings = dict(defaults)  # precedence: step level > params > defaults
         for key, key_node, value_node in self.mapping(fields.get("params", (None, None))[1], "params"):
             if not isinstance(key, str):
-                self.problem(f"{label}: parameter names must be text, not {_kind(key)}", key_node)
+                self.problem(f"{label}: parameter names must be text, not {kind_of(key)}", key_node)
                 continue
             lines[f"params.{key}"] = key_node.start_mark.line + 1
             if key in SETTINGS:
@@ -414,7 +411,7 @@ class _Reader:
                     self.problem(f"step '{spec.name}' needs itself", node, f"remove '{need}' from its needs")
                 elif need not in first:
                     self.problem(f"step '{spec.name}' needs '{need}', which is not a step", node,
-                                 _did_you_mean(_close(need, first)) or f"the steps are {', '.join(map(repr, first))}")
+                                 did_you_mean(close_matches(need, first)) or f"the steps are {', '.join(map(repr, first))}")
                 elif need in spec.needs[:i]:
                     self.problem(f"step '{spec.name}' needs '{need}' twice", node, "list each step once")
             # add() accumulates, so a duplicated name keeps every step's needs
@@ -435,7 +432,7 @@ def _setting(key: str, value: Any) -> Any:
     if key == "chunk_size":
         if value is None or value == "auto" or (whole and value > 0):
             return int(value) if whole else value
-        raise ValueError(f"chunk_size must be a positive whole number of records or 'auto', not {_kind(value)}",
+        raise ValueError(f"chunk_size must be a positive whole number of records or 'auto', not {kind_of(value)}",
                          "e.g. chunk_size: 10000")
     if key == "max_memory":
         try:
@@ -447,73 +444,7 @@ def _setting(key: str, value: Any) -> Any:
     if key == "retries":
         if whole and value >= 0:
             return int(value)
-        raise ValueError(f"retries must be a whole number ≥ 0, not {_kind(value)}", "e.g. retries: 2")
+        raise ValueError(f"retries must be a whole number ≥ 0, not {kind_of(value)}", "e.g. retries: 2")
     if isinstance(value, bool) or (value is None and key == "streaming"):
         return value
-    raise ValueError(f"{key} must be true or false, not {_kind(value)}", f"write {key}: true or {key}: false")
-
-
-_SYNTAX_HINTS = (
-    ("'\\t'", "indent with spaces, not tabs"),
-    ("mapping values are not allowed", "indent a nested key under its parent, or quote a value that has ': '"),
-    ("expected <block end>", "line this up with the keys above it"),
-)
-
-
-def _syntax_error(err: yaml.YAMLError, text: str, filename: str) -> SpecError:
-    """One problem at the error's position, with the offending line and a caret as the excerpt."""
-    if not (isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None):
-        # a ReaderError (a control character): its own message says where
-        return SpecError([Problem(f"invalid YAML: {err}", hint="remove the control character")], filename)
-    line, column = err.problem_mark.line, err.problem_mark.column
-    what = err.problem or err.context or "invalid YAML"
-    hint = next((advice for clue, advice in _SYNTAX_HINTS if clue in what), "check the indentation and quoting")
-    source = text.splitlines()  # not empty: compose raised on something
-    if line >= len(source):  # an error at the very end: show the last line
-        line, column = len(source) - 1, len(source[-1])
-    pad = "".join(c if c == "\t" else " " for c in source[line][:column])
-    excerpt = f"{line + 1:>5} | {source[line]}\n      | {pad}^"
-    return SpecError([Problem(f"invalid YAML: {what}", line + 1, column + 1, hint)], filename, excerpt)
-
-
-def _pos(where: yaml.Node | yaml.Mark) -> tuple[int, int]:
-    mark = getattr(where, "start_mark", where)
-    return mark.line + 1, mark.column + 1
-
-
-def _position_in(source: str, token: str, node: yaml.Node) -> tuple[int, int]:
-    """1-based line and column of ``token`` in a scalar's source text (quoted, folded or plain)."""
-    offset = source.find(token)
-    if offset < 0:  # written with escapes: point at the value
-        return _pos(node)
-    before = source[:offset]
-    if "\n" in before:
-        return node.start_mark.line + before.count("\n") + 1, offset - before.rfind("\n")
-    return node.start_mark.line + 1, node.start_mark.column + offset + 1
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [value for _, value in node.value]
-    return node.value if isinstance(node, yaml.SequenceNode) else []
-
-
-def _is_null(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL
-
-
-def _close(word: Any, choices: Any) -> list[str]:
-    return difflib.get_close_matches(str(word), [str(c) for c in choices], n=3, cutoff=0.6)
-
-
-def _did_you_mean(close: list[str]) -> str:
-    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
-def _kind(value: Any) -> str:
-    """How a message names a wrong value: "the number 0", "'maybe'", "a list", ..."""
-    if value is None or isinstance(value, bool):
-        return {None: "nothing (null)", True: "true", False: "false"}[value]
-    if isinstance(value, (int, float, str)):
-        return repr(value) if isinstance(value, str) else f"the number {value}"
-    return {dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
+    raise ValueError(f"{key} must be true or false, not {kind_of(value)}", f"write {key}: true or {key}: false")

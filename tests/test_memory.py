@@ -400,13 +400,13 @@ def test_the_allocator_is_tuned_once_a_step_nears_its_budget(monkeypatch):
 
 def test_free_but_mapped_memory_does_not_trip_the_guard(monkeypatch):
     # RSS over the budget that a trim gives back is not the step's memory
-    import nbflow.engine.memory as memory
+    import nbflow.engine.guard as guard_module
 
     monitor = MemoryMonitor(interval=0.02)  # not started: we feed the samples
     guard = monitor.guard("fragmented", 50 * MB)
     readings = iter([guard.baseline + 10 * MB])  # what RSS reads after the trim
     trims = []
-    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(guard_module, "trim_heap", lambda: trims.append(1))
     monkeypatch.setattr(monitor, "rss", lambda: next(readings))
     guard._observe(guard.baseline + 80 * MB, confirm=True, count=True)
     assert guard.tripped is None and trims == [1]

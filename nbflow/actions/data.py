@@ -1,27 +1,25 @@
-"""The built-in ``data.*`` actions: read, check and write chunked tables.
+"""The built-in ``data.*`` actions that read and write chunked tables.
 
 ``data.extract`` returns a Dask DataFrame whose partitions hold about
-``chunk_size`` records; ``data.validate`` and ``data.load`` return an ``Effect``
-(a small pandas frame per chunk, then one ``finish``). ``data.transform`` and
-``data.transform_streaming`` belong to the engine.
+``chunk_size`` records; ``data.load`` returns an ``Effect`` (a small pandas frame
+per chunk, then one ``finish``). ``data.validate`` is in validate.py;
+``data.transform`` and ``data.transform_streaming`` belong to the engine.
 """
 from __future__ import annotations
 
 import difflib
 import glob
-import json
 import math
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
-from pandas.api import types as pdt
 
 from nbflow.actions import csvread
 from nbflow.actions.registry import Effect, StepContext, action
 from nbflow.actions.sinks import WRITE_META, AtomicWriter, copy_part, sink
-from nbflow.errors import InputNotFound, SchemaError, StepError
+from nbflow.errors import InputNotFound, StepError
 from nbflow.parts import to_frame
 
 FORMATS = ("csv", "tsv", "parquet", "jsonl")
@@ -214,186 +212,6 @@ def _read_row_group(path: str, group: int | None, columns: list[str] | None):
 def _slice_table(table, j: int, pieces: int) -> pd.DataFrame:
     start, stop = j * table.num_rows // pieces, (j + 1) * table.num_rows // pieces
     return to_frame(table.slice(start, stop - start))
-
-
-# -- data.validate ------------------------------------------------------------------------
-
-_FAMILIES = {"int64": "int", "int32": "int", "int": "int", "float64": "float", "float": "float",
-             "string": "string", "str": "string", "bool": "bool", "datetime64": "datetime",
-             "datetime": "datetime", "category": "category"}
-_PROBLEM_COLUMNS = ("chunk", "column", "kind", "expected", "found", "count", "examples", "records")
-_PROBLEMS_META = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("chunk", "count", "records")
-                                            else "str") for c in _PROBLEM_COLUMNS})
-
-
-def _validate_check(schema: Mapping[str, Any], **_) -> tuple:
-    """data.validate as two functions: ``check(df, chunk)`` -> the chunk's problems, and
-    ``finish(problems of every chunk)``, which raises SchemaError naming them all."""
-    rules = _rules(schema)
-    return partial(_check_one, rules=rules), partial(_finish_validate, rules)
-
-
-@action("data.validate", kind="step", chunkwise=True, chunk_check=_validate_check)
-def validate(ctx: StepContext, schema: Mapping[str, Any], **_) -> Effect:
-    """Check columns, dtypes and nulls chunk by chunk; fail with every problem found."""
-    rules = _rules(schema)
-    chunks = ctx.input.map_partitions(_check_chunk, rules, meta=_PROBLEMS_META)
-    return Effect(chunks=chunks, finish=partial(_finish_validate, rules), output=ctx.input,
-                  passthrough=True)
-
-
-def _check_one(df: pd.DataFrame, chunk: int, rules: dict) -> pd.DataFrame:
-    return _check_chunk(df, rules, {"number": chunk})
-
-
-def _rules(schema: Mapping[str, Any]) -> dict[str, dict]:
-    if not isinstance(schema, Mapping) or not schema:
-        raise StepError("data.validate: schema must map column names to dtypes, e.g. "
-                        "{id: int64, amount: {dtype: float64, nullable: true}}", {"schema": schema})
-    rules = {}
-    for column, spec in schema.items():
-        spec = {"dtype": spec} if isinstance(spec, str) else dict(spec or {})
-        dtype = str(spec.get("dtype", "")).lower()
-        if dtype not in _FAMILIES:
-            raise StepError(f"data.validate: column '{column}' has dtype {spec.get('dtype')!r}; "
-                            f"use one of {', '.join(_FAMILIES)}", {"column": column, "dtype": dtype})
-        rules[str(column)] = {"dtype": dtype, "family": _FAMILIES[dtype],
-                              "nullable": bool(spec.get("nullable", True)),
-                              "required": bool(spec.get("required", True))}
-    return rules
-
-
-def _check_chunk(df: pd.DataFrame, rules: dict, partition_info=None) -> pd.DataFrame:
-    chunk = partition_info["number"] if partition_info else 0
-    rows = [(chunk, "", "records", "", "", 0, "[]", len(df))]
-    for column, rule in rules.items():
-        if column not in df.columns:
-            if rule["required"]:
-                near = difflib.get_close_matches(column, [str(c) for c in df.columns], n=3)
-                rows.append((chunk, column, "missing", rule["dtype"], "", len(df), json.dumps(near), 0))
-            continue
-        series = df[column]
-        bad = _offenders(series, rule["family"])
-        if bad is not None:
-            rows.append((chunk, column, "dtype", rule["dtype"], str(series.dtype), int(bad.sum()),
-                         _examples(series[bad]), 0))
-        if not rule["nullable"]:
-            nulls = int(series.isna().sum())
-            if nulls:
-                rows.append((chunk, column, "nulls", rule["dtype"], str(series.dtype), nulls, "[]", 0))
-    return pd.DataFrame(rows, columns=list(_PROBLEM_COLUMNS)).astype(_PROBLEMS_META.dtypes.to_dict())
-
-
-def _offenders(s: pd.Series, family: str) -> pd.Series | None:
-    """None when ``s``'s dtype fits ``family``, else a mask of the values that don't."""
-    dtype = s.dtype
-    textual = pdt.is_string_dtype(dtype) or pdt.is_object_dtype(dtype)
-    numeric = pdt.is_numeric_dtype(dtype) and not pdt.is_bool_dtype(dtype)
-    if family == "int":
-        if pdt.is_integer_dtype(dtype) and not pdt.is_bool_dtype(dtype):
-            return None
-        if pdt.is_float_dtype(dtype):
-            return ~(s.notna() & (s == s.round()))
-        if textual:
-            number = pd.to_numeric(s, errors="coerce")
-            return s.notna() & ~(number.notna() & (number == number.round()))
-    elif family == "float":
-        if numeric:
-            return None
-        if textual:
-            return s.notna() & pd.to_numeric(s, errors="coerce").isna()
-    elif family in ("string", "category"):
-        if textual or (family == "category" and isinstance(dtype, pd.CategoricalDtype)):
-            return None
-    elif family == "bool":
-        if pdt.is_bool_dtype(dtype):
-            return None
-        if textual:
-            return s.notna() & ~s.astype("str").str.strip().str.lower().isin(["true", "false"])
-        if numeric:
-            return s.notna() & ~s.isin([0, 1])
-    elif family == "datetime":
-        if pdt.is_datetime64_any_dtype(dtype):
-            return None
-        if textual:
-            return s.notna() & _to_datetime(s).isna()
-    return s.notna()
-
-
-def _to_datetime(s: pd.Series) -> pd.Series:
-    """Parse with the format of the first value (never per value: that is ~1000x slower)."""
-    from pandas.tseries.api import guess_datetime_format
-
-    first = s.dropna().head(1).tolist()
-    fmt = guess_datetime_format(str(first[0])) if first else None
-    return pd.to_datetime(s, format=fmt or "ISO8601", errors="coerce")
-
-
-def _examples(values: pd.Series) -> str:
-    seen: list = []
-    for value in values.head(100).tolist():
-        if pd.isna(value):
-            value = None
-        elif not isinstance(value, (bool, int, float)):
-            value = str(value) if len(str(value)) <= 40 else str(value)[:39] + "…"
-        if value not in seen:
-            seen.append(value)
-            if len(seen) == 3:
-                break
-    return json.dumps(seen, ensure_ascii=False)
-
-
-def _finish_validate(rules: dict, results: pd.DataFrame) -> dict:
-    if results is None or "records" not in results:
-        results = _PROBLEMS_META
-    records = int(results["records"].sum())
-    if (results["kind"] == "records").all():  # no problem in any chunk (the common case, fast)
-        return {"records_in": records, "records_out": records}
-    found = results[results["kind"] != "records"].sort_values("chunk", kind="stable")
-    order = {c: i for i, c in enumerate(rules)}
-    problems = []
-    for (column, kind, expected, dtype), group in found.groupby(
-            ["column", "kind", "expected", "found"], sort=False):
-        examples: list = []
-        for text in group["examples"]:
-            examples += [v for v in json.loads(text) if v not in examples]
-        hit = group[group["count"] > 0] if (group["count"] > 0).any() else group
-        problems.append({"column": column, "kind": kind, "expected": expected, "found": dtype,
-                         "count": int(group["count"].sum()), "examples": examples[:3],
-                         "chunks": sorted(set(hit["chunk"].tolist()))[:3]})
-    if not problems:
-        return {"records_in": records, "records_out": records}
-    problems.sort(key=lambda p: (order.get(p["column"], len(order)),
-                                 ("missing", "dtype", "nulls").index(p["kind"])))
-    lines = [_describe(p, records) for p in problems]
-    head = "" if len(lines) == 1 else f"{len(lines)} schema problems:\n  "
-    raise SchemaError(head + "\n  ".join(lines), {"problems": problems, "records": records})
-
-
-def _describe(p: dict, records: int) -> str:
-    shown = ", ".join("empty" if v is None else repr(v) if isinstance(v, str) else str(v)
-                      for v in p["examples"])
-    example = f" (e.g. {shown})" if shown else ""
-    where = f"column '{p['column']}'"
-    if p["kind"] == "missing":
-        near = f" (did you mean {' or '.join(repr(v) for v in p['examples'])}?)" if shown else ""
-        return f"{where} is missing{near}"
-    if p["kind"] == "nulls":
-        return f"{where}: {p['count']:,} of {records:,} rows are empty, but it is not nullable"
-    head = f"{where}: expected {p['expected']}, found {p['found']} — "
-    family = _FAMILIES[p["expected"]]
-    if p["count"] == 0:
-        read = (f"parse_dates: [{p['column']}]" if family == "datetime"
-                else f"dtype: {{{p['column']}: {p['expected']}}}")
-        return head + (f"every value fits {p['expected']}: convert the column, or give "
-                       f"data.extract {read}")
-    if pdt.is_float_dtype(p["found"]) and family == "int":
-        what = "are empty or not whole numbers"
-    elif p["found"] in ("str", "string", "object") and family in ("int", "float", "datetime", "bool"):
-        what = "don't parse"
-    else:
-        what = f"hold {p['found']} values"
-    return head + f"{p['count']:,} of {records:,} rows {what}{example}"
 
 
 # -- data.load (the writers are in sinks.py) ----------------------------------------------------------------------------

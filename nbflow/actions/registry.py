@@ -150,7 +150,8 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
 
 
 def _builtins_loaded() -> None:
-    import nbflow.actions.data  # noqa: F401  (registers data.*)
+    import nbflow.actions.data  # noqa: F401  (registers data.extract, data.load)
+    import nbflow.actions.validate  # noqa: F401  (registers data.validate)
     import nbflow.demo  # noqa: F401  (registers demo.*)
 
 

@@ -22,8 +22,8 @@ from nbflow import events as ev
 from nbflow.actions.registry import Effect, StepContext
 from nbflow.engine import chunks, fusion
 from nbflow.engine.allocator import release_memory
+from nbflow.engine.guard import reset_async_signal
 from nbflow.engine.limits import auto_chunk_size
-from nbflow.engine.memory import reset_async_signal
 from nbflow.engine.outcome import Progress, StepFailed, failure_event, jsonable
 from nbflow.errors import RunInterrupted
 from nbflow.parts import checkpoint_format

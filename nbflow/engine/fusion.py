@@ -47,7 +47,7 @@ from nbflow.actions.registry import Effect, StepContext
 from nbflow.actions.sinks import AtomicWriter, checkpoint_writer
 from nbflow.engine import chunks
 from nbflow.engine.allocator import release_memory
-from nbflow.engine.memory import reset_async_signal
+from nbflow.engine.guard import reset_async_signal
 from nbflow.engine.outcome import Progress, StepFailed, failure_event
 from nbflow.engine.passgraph import Lean, Member, Partial, build, build_lean, lean_step
 from nbflow.errors import RunInterrupted

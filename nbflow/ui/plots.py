@@ -17,12 +17,21 @@ import io
 import os
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nbflow import events as ev
 from nbflow.state import RunState, Status, StepRecord
+from nbflow.ui.attempts import (
+    Attempt,
+    attempts_of,
+    baseline_of,
+    budget_of,
+    data_top,
+    failure_rss,
+    select,
+)
 from nbflow.units import format_size
 
 if TYPE_CHECKING:
@@ -50,25 +59,6 @@ _SYMBOLS = {Status.COMPLETED: "✓", Status.FAILED: "✗ failed", Status.CANCELL
 _OFF_SCALE = 2.5
 
 
-@dataclass
-class _Attempt:
-    number: int
-    start: float | None
-    end: float | None
-    status: str
-    records: dict[str, StepRecord]
-    reused: tuple[str, ...] = ()
-    chunks: dict[str, list[float]] = field(default_factory=dict)
-    samples: list[Any] = field(default_factory=list)
-    #: steps reused here, by the attempt whose run of them it reused
-    reused_from: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def executed(self) -> list[StepRecord]:
-        return [rec for rec in self.records.values() if rec.started is not None
-                and rec.status not in (Status.REUSED, Status.SKIPPED, Status.PENDING)]
-
-
 # -- public API -------------------------------------------------------------------------------
 
 def memory_figure(state: RunState, samples: Sequence[ev.MemorySampled],
@@ -85,7 +75,7 @@ def memory_figure(state: RunState, samples: Sequence[ev.MemorySampled],
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    attempts = _select(_attempts(state, list(events) if events is not None else None, samples), attempt)
+    attempts = select(attempts_of(state, list(events) if events is not None else None, samples), attempt)
     # Fixed margins rather than a layout engine, which would draw everything twice: this
     # figure is saved after every run.
     ratios = [0.85] * (len(attempts) - 1) + [1.0]
@@ -100,7 +90,7 @@ def memory_figure(state: RunState, samples: Sequence[ev.MemorySampled],
     axes += [fig.add_subplot(grid[i, 0], sharey=axes[0]) for i in range(1, len(attempts))]
     layout = _Layout(width - _LEFT - _RIGHT, panel * min(ratios))
     colours = _colours(state, attempts)
-    top = _data_top(attempts)
+    top = data_top(attempts)
     unit, unit_name = (1e9, "GB") if top >= 2e9 else (1e6, "MB")
     drawn = [_draw_attempt(ax, att, colours, top, state, layout)
              for ax, att in zip(axes, attempts, strict=True)]
@@ -162,134 +152,14 @@ def save_memory_plot(run_or_dir, path: str | os.PathLike | None = None, dpi: flo
     return target
 
 
-# -- the records of each attempt ----------------------------------------------------------------
-
-def _attempts(state: RunState, events: list[ev.Event] | None, samples: Sequence[Any]) -> list[_Attempt]:
-    """Each attempt's step records, folded from the events with ``RunState.apply``."""
-    samples = sorted(samples, key=lambda s: s.time)
-    if not events or not any(isinstance(e, ev.RunStarted) for e in events):
-        return [_from_state(state, samples)]
-    folded = RunState(state.run_id, state.workflow, [])
-    found: list[_Attempt] = []
-    current: _Attempt | None = None
-    for event in events:
-        if isinstance(event, ev.MemorySampled):
-            continue
-        try:
-            folded.apply(event)
-        except ValueError:  # a record cut short by a crash: draw what is consistent
-            continue
-        if isinstance(event, ev.RunStarted):
-            current = _Attempt(event.attempt, event.time, None, "running", {}, reused=event.reused)
-            found.append(current)
-        if current is None:
-            continue
-        if isinstance(event, ev.StepStarted):
-            current.chunks[event.step] = []  # a retry starts the step's chunks over
-        elif isinstance(event, ev.ChunkDone):
-            current.chunks.setdefault(event.step, []).append(event.time)
-        elif isinstance(event, ev.RunFinished):
-            current.end, current.status = event.time, event.status
-        current.records = dict(folded.steps)
-    if found and found[-1].end is None and state.status != "running":
-        found[-1].status = state.status  # the process died mid-run; open_run said what became of it
-    for i, att in enumerate(found):
-        until = found[i + 1].start if i + 1 < len(found) else float("inf")
-        att.samples = [s for s in samples if att.start <= s.time < until]
-        for name in att.reused:
-            ran = [a.number for a in found[:i] if name in {r.name for r in a.executed}
-                   and a.records[name].status is Status.COMPLETED]
-            if ran:
-                att.reused_from[name] = ran[-1]
-    return found
-
-
-def _from_state(state: RunState, samples: list[Any]) -> _Attempt:
-    """The latest attempt from its records alone (no events.jsonl: no chunk times)."""
-    starts = [rec.started for rec in state.steps.values() if rec.started is not None]
-    start = min(starts) if starts else (samples[0].time if samples else None)
-    if state.attempt and state.attempt > 1 and start is not None:
-        samples = [s for s in samples if s.time >= start]  # earlier attempts' samples
-    if samples and start is not None:
-        start = min(start, samples[0].time)
-    return _Attempt(state.attempt or 1, start, state.ended, state.status, dict(state.steps),
-                    reused=tuple(state.reused), samples=samples)
-
-
-def _select(attempts: list[_Attempt], which: int | str | None) -> list[_Attempt]:
-    latest = attempts[-1]
-    if which == "all":
-        return attempts
-    if which == "latest":
-        return [latest]
-    if isinstance(which, int):
-        chosen = [a for a in attempts if a.number == which]
-        if not chosen:
-            numbers = ", ".join(str(a.number) for a in attempts)
-            raise ValueError(f"this run has no attempt {which} on record (attempts: {numbers})")
-        return chosen
-    if which is not None:
-        raise ValueError(f"attempt={which!r}: give an attempt number, 'latest', 'all' or None")
-    earlier = sorted(set(latest.reused_from.values()))[-2:]  # at most three panels
-    return [a for a in attempts if a.number in earlier] + [latest]
-
-
 # -- drawing ------------------------------------------------------------------------------------
 
-def _colours(state: RunState, attempts: list[_Attempt]) -> dict[str, str]:
+def _colours(state: RunState, attempts: list[Attempt]) -> dict[str, str]:
     """One colour per step, in workflow order, the same in every panel."""
     names = list(state.steps)
     for att in attempts:
         names += [n for n in att.records if n not in names]
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
-
-
-def _memory(rec: StepRecord) -> dict[str, Any]:
-    if rec.info.get("memory"):
-        return rec.info["memory"]
-    if rec.error:
-        return (rec.error.get("details") or {}).get("memory") or {}
-    return {}
-
-
-def _rss_at(samples: list[Any], when: float) -> int | None:
-    """The last sample at or before ``when``, else the first after it."""
-    before = [s for s in samples if s.time <= when]
-    if before:
-        return before[-1].rss
-    return samples[0].rss if samples else None
-
-
-def _baseline(rec: StepRecord, samples: list[Any]) -> int | None:
-    return _memory(rec).get("baseline") or (_rss_at(samples, rec.started) if rec.started else None)
-
-
-def _budget(rec: StepRecord) -> int | None:
-    return rec.max_memory or _memory(rec).get("budget")
-
-
-def _failure_rss(rec: StepRecord, samples: list[Any]) -> int | None:
-    details = (rec.error or {}).get("details") or {}
-    mem = details.get("memory") or {}
-    if mem.get("at_failure"):
-        return mem["at_failure"]
-    baseline = _baseline(rec, samples)
-    if details.get("at_failure") and baseline:  # the error's own figure is above the baseline
-        return baseline + details["at_failure"]
-    return mem.get("peak") or (_rss_at(samples, rec.ended) if rec.ended else None)
-
-
-def _data_top(attempts: list[_Attempt]) -> float:
-    """The highest memory a panel must show: samples, peaks, failures, baselines."""
-    values = [1e6]
-    for att in attempts:
-        values += [s.rss for s in att.samples]
-        for rec in att.executed:
-            mem = _memory(rec)
-            values += [v for v in (mem.get("peak"), _baseline(rec, att.samples)) if v]
-            if rec.status is Status.FAILED:
-                values.append(_failure_rss(rec, att.samples) or 0)
-    return float(max(values))
 
 
 @dataclass(frozen=True)
@@ -308,7 +178,7 @@ class _Layout:
         return n * 0.58 * _LABEL_PT / 72 / self.width
 
 
-def _draw_attempt(ax: Axes, att: _Attempt, colours: dict[str, str], data_top: float,
+def _draw_attempt(ax: Axes, att: Attempt, colours: dict[str, str], data_top: float,
                   state: RunState, layout: _Layout) -> tuple[float, int, float | None]:
     """Draw one attempt; returns the highest y it needs, the label rows it used
     and the highest failure it marked."""
@@ -349,7 +219,7 @@ def _draw_attempt(ax: Axes, att: _Attempt, colours: dict[str, str], data_top: fl
                                facecolor=colour, alpha=0.17, linewidth=0, zorder=1,
                                gid=f"span:{rec.name}"))
         spans.append((rec, x0, x1))
-        baseline, budget = _baseline(rec, att.samples), _budget(rec)
+        baseline, budget = baseline_of(rec, att.samples), budget_of(rec)
         if baseline:
             ax.plot([x0, x1], [baseline, baseline], color=colour, linewidth=1.0, linestyle=":",
                     zorder=2, gid=f"baseline:{rec.name}")
@@ -367,7 +237,7 @@ def _draw_attempt(ax: Axes, att: _Attempt, colours: dict[str, str], data_top: fl
                     markeredgewidth=1.3, color=colour, transform=ax.get_xaxis_transform(),
                     clip_on=False, zorder=5, gid=f"chunks:{rec.name}")
         if rec.status is Status.FAILED and _draw_failure(ax, rec, att, x1, xmax):
-            failure_y = max(failure_y or 0, _failure_rss(rec, att.samples))
+            failure_y = max(failure_y or 0, failure_rss(rec, att.samples))
 
     levels = _draw_labels(ax, spans, colours, xmax, att, state, layout)
     ax.set_xlim(0, xmax * 1.01)
@@ -381,8 +251,8 @@ def _draw_attempt(ax: Axes, att: _Attempt, colours: dict[str, str], data_top: fl
     return top, levels, failure_y
 
 
-def _draw_failure(ax: Axes, rec: StepRecord, att: _Attempt, x: float, xmax: float) -> bool:
-    y = _failure_rss(rec, att.samples)
+def _draw_failure(ax: Axes, rec: StepRecord, att: Attempt, x: float, xmax: float) -> bool:
+    y = failure_rss(rec, att.samples)
     if y is None:
         return False
     ax.plot([x], [y], linestyle="none", marker="X", markersize=10, color=FAILURE,
@@ -410,7 +280,7 @@ def _failure_text(rec: StepRecord) -> str:
 
 
 def _draw_labels(ax: Axes, spans: list[tuple[StepRecord, float, float]], colours: dict[str, str],
-                 xmax: float, att: _Attempt, state: RunState, layout: _Layout) -> int:
+                 xmax: float, att: Attempt, state: RunState, layout: _Layout) -> int:
     """Step names over their spans, stacked into rows where they would overlap."""
     rows: list[float] = []  # where each row's last label ends
     row = layout.row()
@@ -437,7 +307,7 @@ def _draw_labels(ax: Axes, spans: list[tuple[StepRecord, float, float]], colours
     return len(rows)
 
 
-def _notes(att: _Attempt, off_scale: dict[int, list[str]]) -> str:
+def _notes(att: Attempt, off_scale: dict[int, list[str]]) -> str:
     notes = []
     if att.reused:
         by: dict[int | None, list[str]] = {}
@@ -453,7 +323,7 @@ def _notes(att: _Attempt, off_scale: dict[int, list[str]]) -> str:
     return " · ".join(notes)
 
 
-def _legend(fig: Figure, attempts: list[_Attempt]) -> None:
+def _legend(fig: Figure, attempts: list[Attempt]) -> None:
     from matplotlib.lines import Line2D
 
     remote = any(getattr(sample, "remote", 0) for att in attempts for sample in att.samples)
