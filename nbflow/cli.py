@@ -45,14 +45,19 @@ def _params(pairs) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nbflow", description="Run notebook-first workflows in chunks on Dask.")
-    parser.add_argument("--store", help="run store folder (default: $NBFLOW_HOME or ./.nbflow)")
+    store_help = "run store folder (default: $NBFLOW_HOME or ./.nbflow)"
+    parser.add_argument("--store", help=store_help)
+    # also after the command (`nbflow runs --store DIR`); SUPPRESS: absent there, it keeps the
+    # value given before the command
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_params(p):
         p.add_argument("-p", "--param", dest="params", action="append", type=parse_param, default=[],
                        metavar="KEY=VALUE", help="set a workflow parameter (repeatable)")
 
-    p = sub.add_parser("run", help="run a workflow file, or a notebook with papermill")
+    p = sub.add_parser("run", parents=[after], help="run a workflow file, or a notebook with papermill")
     p.add_argument("workflow", nargs="?", help="workflow YAML file")
     with_params(p)
     p.add_argument("--scheduler", default=None,
@@ -64,24 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(--notebook) the executed notebook (default: NB-output.ipynb here)")
     p.add_argument("-k", "--kernel", default=None, help="(--notebook) kernel name (default: the notebook's)")
 
-    p = sub.add_parser("rerun", help="rerun a past run: failed steps and what depends on them")
+    p = sub.add_parser("rerun", parents=[after], help="rerun a past run: failed steps and what depends on them")
     p.add_argument("run_id", nargs="?", default="latest", help="run id, a unique part of it, or 'latest'")
     with_params(p)
     p.add_argument("--from", dest="from_step", help="also rerun this step and its dependents")
     p.add_argument("--scheduler", default=None)
 
-    sub.add_parser("runs", help="list past runs")
+    sub.add_parser("runs", parents=[after], help="list past runs")
 
-    p = sub.add_parser("show", help="show a run: steps, status, durations, records, error")
+    p = sub.add_parser("show", parents=[after], help="show a run: steps, status, durations, records, error")
     p.add_argument("run_id", nargs="?", default="latest")
     p.add_argument("--plot", metavar="FILE.png", help="write the memory-over-time figure")
     p.add_argument("--json", action="store_true", help="print run.json")
 
-    p = sub.add_parser("validate", help="check a workflow file without running it")
+    p = sub.add_parser("validate", parents=[after], help="check a workflow file without running it")
     p.add_argument("workflow")
     with_params(p)
 
-    p = sub.add_parser("demo", help="generate demo data and run the demo pipeline on it")
+    p = sub.add_parser("demo", parents=[after], help="generate demo data and run the demo pipeline on it")
     p.add_argument("--rows", type=int, default=1_000_000, help="records to generate (default 1,000,000)")
     p.add_argument("--dir", default="nbflow-demo", help="folder for data, outputs and runs")
     p.add_argument("--scenario", choices=["pipeline", "oom"], default="pipeline",

@@ -242,3 +242,20 @@ def test_runs_and_show(project):
     assert res.returncode == 0
     assert "tag failed: RuntimeError: asked to fail" in res.stdout
     assert "load: skipped: tag failed" in res.stdout
+
+
+def test_store_is_taken_before_or_after_the_command(project):
+    from nbflow.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["runs"]).store is None
+    assert parse(["--store", "a", "runs"]).store == "a"
+    assert parse(["runs", "--store", "b"]).store == "b"
+    assert parse(["--store", "a", "show", "latest", "--store", "b"]).store == "b"
+    res = cli(project, "run", "wf.yaml", "--store", "elsewhere")
+    assert res.returncode == 0, res.stderr
+    assert len(list((project / "elsewhere" / "runs").iterdir())) == 1
+    assert not (project / ".nbflow").exists()
+    res = cli(project, "runs", "--store", "elsewhere")
+    assert res.returncode == 0 and "cli-test" in res.stdout and "completed" in res.stdout
+    assert "no runs yet" in cli(project, "runs").stdout
