@@ -140,6 +140,21 @@ class WorkflowFailed(NbflowError):
         return text
 
 
+class RunBusy(NbflowError):
+    """A run is still running in another process (or another handle): one writer at a time."""
+
+    def __init__(self, run_id: str, owner: str = ""):
+        super().__init__(run_id, owner)
+        self.run_id = run_id
+        self.owner = owner
+
+    def __str__(self) -> str:
+        pid = self.owner.rpartition("-")[2]
+        where = f"in process {pid}" if pid.isdigit() else "elsewhere"
+        return (f"run {self.run_id} is still running {where}; wait for it to end, or stop it "
+                "(Ctrl-C there, or its Cancel button), then rerun")
+
+
 class RunInterrupted(NbflowError):
     """A run was cancelled (KeyboardInterrupt or Run.cancel())."""
 

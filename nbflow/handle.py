@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from nbflow import events as ev
-from nbflow.errors import WorkflowFailed
+from nbflow.errors import RunBusy, WorkflowFailed
+from nbflow.owner import gone, owner
 from nbflow.plan import Plan, make_plan
 from nbflow.spec import WorkflowSpec, load, parse
 from nbflow.state import RunState, Status, StepRecord
-from nbflow.store import RunDir, RunStore
+from nbflow.store import RunDir, RunStore, still_running
 
 Observer = Callable[[ev.Event], None]
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Run:
         self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._running = False
+        #: the owner tag (nbflow/owner.py) of another process found running this run
+        self.running_elsewhere: str | None = None
         self._plot_thread: threading.Thread | None = None
         #: seconds between memory samples
         self.memory_interval = 0.1
@@ -182,7 +185,7 @@ class Run:
         self.run_dir.write_run({
             **self.state.to_dict(), "filename": self.spec.filename, "spec_text": self.spec.text,
             "parameters": dict(self.spec.parameters), "overrides": self.overrides,
-            "workdir": str(self.workdir),
+            "workdir": str(self.workdir), "owner": owner(),
         })
 
     # -- doing --------------------------------------------------------------
@@ -201,6 +204,9 @@ class Run:
 
         if self._running:
             raise RuntimeError(f"run {self.run_id} is already running")
+        if self.running_elsewhere is not None and not gone(self.running_elsewhere):
+            raise RunBusy(self.run_id, self.running_elsewhere)
+        self.running_elsewhere = None
         self.memory_plot()  # the last attempt's figure reads the state this one will change
         if previous is None and self.state.attempt:
             previous = self.state
@@ -415,7 +421,8 @@ def open_run(run_id: str | None = None, *, store: str | os.PathLike | None = Non
     run_dir = RunStore(store).open(run_id)
     data = run_dir.read_run()
     state = RunState.from_dict(data)
-    if state.status == "running":
+    elsewhere = still_running(data)
+    if state.status == "running" and not elsewhere:
         # the process that ran it died mid-run: whatever was running never finished
         state.status = "cancelled"
         for name, rec in state.steps.items():
@@ -426,5 +433,6 @@ def open_run(run_id: str | None = None, *, store: str | os.PathLike | None = Non
                  overrides=overrides, namespace=namespace)
     handle = Run(spec, run_dir, state, overrides=overrides, namespace=namespace, backend=backend,
                  workdir=data.get("workdir"))
+    handle.running_elsewhere = data["owner"] if elsewhere else None
     _attach_log(handle, log)
     return handle

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from nbflow import events as ev
 from nbflow.errors import NbflowError
+from nbflow.owner import gone
 
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
@@ -49,6 +50,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def still_running(data: dict[str, Any]) -> bool:
+    """True if a run's record says it is running and the process writing it may still be: it
+    runs on this machine, or it is another machine's (which can't be judged from here).
+    A record of a process that is gone, or without an owner (an older nbflow), is not."""
+    tag = data.get("owner")
+    return data.get("status") == "running" and bool(tag) and not gone(tag)
 
 
 class RunNotFound(NbflowError):
@@ -199,8 +208,11 @@ class RunStore:
             except (OSError, ValueError):
                 continue
             steps = data.get("steps", {})
+            status = data.get("status")
+            if status == "running" and not still_running(data):
+                status = "cancelled"  # its process died mid-run (open_run says the same)
             rows.append({
-                "run_id": rid, "workflow": data.get("workflow"), "status": data.get("status"),
+                "run_id": rid, "workflow": data.get("workflow"), "status": status,
                 "attempt": data.get("attempt"), "started": data.get("started"),
                 "ended": data.get("ended"),
                 "steps": len(steps),

@@ -259,3 +259,29 @@ def test_store_is_taken_before_or_after_the_command(project):
     res = cli(project, "runs", "--store", "elsewhere")
     assert res.returncode == 0 and "cli-test" in res.stdout and "completed" in res.stdout
     assert "no runs yet" in cli(project, "runs").stdout
+
+
+def test_a_run_in_progress_elsewhere_shows_running_and_a_killed_one_cancelled(project):
+    # another process is running it: show and runs say so, and a rerun waits its turn
+    (project / "slow.yaml").write_text(WORKFLOW.replace("mysteps:tag", "mysteps:slow").replace(
+        "chunk_size: 200", "chunk_size: 20"))
+    proc = subprocess.Popen(nbflow_cmd("run", "slow.yaml"), cwd=project, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=subprocess_env(PYTHONPATH=str(project)))
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and calls(project).count("slow") < 2:
+            time.sleep(0.05)
+        assert "running" in cli(project, "runs").stdout
+        assert "RUNNING" in cli(project, "show", "latest").stdout
+        res = cli(project, "rerun", "latest")
+        assert res.returncode == 2 and f"still running in process {proc.pid}" in res.stderr
+        assert "Traceback" not in res.stderr
+    finally:
+        proc.kill()  # SIGKILL: it can't record that it stopped
+        proc.wait(timeout=60)
+    assert latest_run(project)["status"] == "running"  # what the dead process left on record
+    assert "cancelled" in cli(project, "runs").stdout
+    assert "CANCELLED" in cli(project, "show", "latest").stdout
+    res = cli(project, "rerun", "latest", timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert latest_run(project)["status"] == "completed"

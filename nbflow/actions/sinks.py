@@ -13,10 +13,8 @@ writer's files, or another machine's, are left alone.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pandas as pd
 
 from nbflow.actions.registry import Effect
 from nbflow.errors import StepError
+from nbflow.owner import gone, owner
 from nbflow.parts import checkpoint_format, format_of, part_name, part_rows, read_part, to_arrow, write_part
 
 WRITE_META = pd.DataFrame({"chunk": pd.Series(dtype="int64"), "records": pd.Series(dtype="int64"),
@@ -80,7 +79,7 @@ class AtomicWriter:
         self.options = dict(options)
         self.columns = columns
         recover(self.dest)
-        self.tmp = self.dest.with_name(f"{self.dest.name}.tmp-{_owner()}-{uuid.uuid4().hex[:12]}")
+        self.tmp = self.dest.with_name(f"{self.dest.name}.tmp-{owner()}-{uuid.uuid4().hex[:12]}")
         self.overwrite = bool(overwrite)
         self._result: dict | None = None
 
@@ -163,7 +162,7 @@ class AtomicWriter:
         if not (self.dest.exists() or self.dest.is_symlink()):
             os.rename(self.tmp, self.dest)
             return
-        backup = self.dest.with_name(f"{self.dest.name}.old-{_owner()}-{uuid.uuid4().hex[:12]}")
+        backup = self.dest.with_name(f"{self.dest.name}.old-{owner()}-{uuid.uuid4().hex[:12]}")
         os.rename(self.dest, backup)
         try:
             os.rename(self.tmp, self.dest)
@@ -230,31 +229,11 @@ def recover(dest: str | Path) -> list[Path]:
     return removed
 
 
-_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _owner() -> str:
-    """Who writes: this machine and process (``<host hash>-<pid>``)."""
-    return f"{_HOST}-{os.getpid()}"
-
-
 def _orphaned(path: Path, dest_name: str, kind: str) -> bool:
     """True if ``path`` (``<dest_name>.<kind>-<host>-<pid>-<id>``) was left by a process of
     this machine that no longer runs."""
-    host, _, rest = path.name[len(dest_name) + len(kind) + 2:].partition("-")
-    pid = rest.partition("-")[0]
-    if host != _HOST or not pid.isdigit():
-        return False  # another machine's writer, or a name nbflow didn't make
-    pid = int(pid)
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, someone else's
-    return False
+    tag = path.name[len(dest_name) + len(kind) + 2:].rsplit("-", 1)[0]
+    return gone(tag)
 
 
 def _remove(path: Path) -> None:
