@@ -129,17 +129,30 @@ def generate_records(path: str | Path, rows: int = 1_000_000, seed: int = 0,
 @action("demo.clean_records", kind="chunk")
 def clean_records(df: pd.DataFrame) -> pd.DataFrame:
     """Tidy notes and countries, drop rows without an amount, flag refunds, add amount_eur."""
-    out = df.loc[df["amount"].notna()]
-    out["note"] = (out["note"].astype("str").str.replace("\t", " ", regex=False)
-                   .str.strip().str.lower())
-    country = out["country"].astype("str").str.strip().str.upper()
-    out["country"] = country.where(country.notna() & (country != ""), "??")
-    out["refund"] = out["amount"] < 0
-    out["timestamp"] = pd.to_datetime(out["timestamp"], format="ISO8601", errors="coerce")
+    df = df.loc[df["amount"].notna()]
+    country = _text(df["country"]).str.strip().str.upper()
     # mapping the dozen categories rather than every row is ~10x cheaper
-    rate = out["category"].astype("category").map(RATES).astype("float64")
-    out["amount_eur"] = (out["amount"] * rate).round(2)
-    return out.loc[:, list(CLEAN_COLUMNS)].reset_index(drop=True)
+    rate = df["category"].astype("category").map(RATES).astype("float64")
+    # a new frame of the columns (not assignments into the filtered one: on pandas 2 that is a
+    # "copy of a slice")
+    columns = {
+        **{name: df[name] for name in ("id", "user", "amount", "category")},
+        "timestamp": pd.to_datetime(df["timestamp"], format="ISO8601", errors="coerce"),
+        "country": country.where(country.notna() & (country != ""), "??"),
+        "note": _text(df["note"]).str.replace("\t", " ", regex=False).str.strip().str.lower(),
+        "refund": df["amount"] < 0,
+        "amount_eur": (df["amount"] * rate).round(2),
+    }
+    return pd.DataFrame({name: columns[name] for name in CLEAN_COLUMNS}, copy=False).reset_index(drop=True)
+
+
+#: pandas' text dtype that keeps missing values missing: pandas 3's default ``str``; on pandas 2
+#: ``astype(str)`` writes them as the text "nan"
+_TEXT = "str" if int(pd.__version__.split(".")[0]) >= 3 else "string"
+
+
+def _text(values: pd.Series) -> pd.Series:
+    return values if isinstance(values.dtype, pd.StringDtype) else values.astype(_TEXT)
 
 
 @action("demo.enrich_in_memory", kind="chunk")

@@ -36,7 +36,9 @@ def frame(rows: int = 1000) -> pd.DataFrame:
         "id": np.arange(rows, dtype="int64"),
         "when": pd.date_range("2026-01-01", periods=rows, freq="min"),
         "kind": pd.Categorical(rng.choice(["a", "b", "c"], rows)),
-        "note": pd.array([None if i % 7 == 0 else f"n{i}" for i in range(rows)], dtype="string"),
+        # text as Dask gives it (pandas 2 would read back plain "string" as Python objects)
+        "note": pd.array([None if i % 7 == 0 else f"n{i}" for i in range(rows)],
+                         dtype=pd.StringDtype("pyarrow")),
         "amount": rng.normal(size=rows),
         "small": np.arange(rows, dtype="uint16"),
     })
