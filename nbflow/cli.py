@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", nargs="?", default="latest", help="run id, a unique part of it, or 'latest'")
     with_params(p)
     p.add_argument("--from", dest="from_step", help="also rerun this step and its dependents")
+    p.add_argument("--fix", type=int, metavar="N",
+                   help="apply fix N of the run's diagnosis (as `nbflow show` numbers them) first")
     p.add_argument("--scheduler", default=None)
 
     sub.add_parser("runs", parents=[after], help="list past runs")
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", nargs="?", default="latest")
     p.add_argument("--plot", metavar="FILE.png", help="write the memory-over-time figure")
     p.add_argument("--json", action="store_true", help="print run.json")
+    p.add_argument("--workflow", action="store_true",
+                   help="print the workflow the run last ran (after --fix, the corrected one)")
 
     p = sub.add_parser("validate", parents=[after], help="check a workflow file without running it")
     p.add_argument("workflow")
@@ -96,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from nbflow.ui.rootcause import phrase_for_shell
+
+    # the diagnosis' hints name the commands to type here, with the store they need
+    store = getattr(args, "store", None)
+    if args.command == "demo" and not store:
+        store = args.store = str(Path(args.dir) / ".nbflow")
+    phrase_for_shell("nbflow rerun" + (f" --store {shlex.quote(store)}" if store else ""))
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -178,10 +190,42 @@ def cmd_rerun(args) -> int:
     from nbflow.handle import open_run
 
     handle = open_run(args.run_id, store=args.store, backend=args.scheduler, log=True)
-    handle.rerun(parameters=_params(args.params) or None, from_step=args.from_step)
+    params, spec = _params(args.params), None
+    if args.fix is not None:
+        spec = _fixed(handle, args.fix, params)
+        if spec is None:
+            return EXIT_USAGE
+        print(f"fix {args.fix} applied: {handle.fixes[args.fix - 1].title}; "
+              f"`nbflow show {handle.run_id} --workflow` prints the corrected workflow\n")
+    handle.rerun(spec, parameters=None if spec is not None else params or None, from_step=args.from_step)
     print()
     print(handle.summary())
     return _exit_for(handle)
+
+
+def fix_problem(handle, number: int, rerun: str = "nbflow rerun") -> str | None:
+    """Why fix ``number`` (from 1, as the root cause lists them) can't be applied; None if it can."""
+    fixes = handle.fixes
+    if not fixes:
+        return f"run {handle.run_id} has no fixes to apply ({handle.status}, nothing failed)"
+    if not 1 <= number <= len(fixes):
+        return f"there is no fix {number}: run {handle.run_id} has {len(fixes)} (--fix 1 to {len(fixes)})"
+    fix = fixes[number - 1]
+    if fix.workflow is None:
+        return (f"fix {number} changes your code, not the workflow: {fix.title}"
+                + (f" ({fix.snippet})" if fix.snippet and fix.kind != "rerun" else "")
+                + f"; change it, then `{rerun} {handle.run_id}`")
+    return None
+
+
+def _fixed(handle, number: int, params: dict):
+    """The run's workflow with fix ``number`` applied, or None after saying why not."""
+    problem = fix_problem(handle, number)
+    if problem:
+        print(f"nbflow rerun: {problem}", file=sys.stderr)
+        return None
+    handle.overrides.update(params)  # -p goes with the fix; the fix's own parameters win
+    return handle.apply_fix(number - 1)
 
 
 def cmd_runs(args) -> int:
@@ -198,6 +242,8 @@ def cmd_show(args) -> int:
     handle = open_run(args.run_id, store=args.store)
     if args.json:
         print(json.dumps(handle.run_dir.read_run(), indent=1))
+    elif args.workflow:
+        print(handle.spec.text, end="" if handle.spec.text.endswith("\n") else "\n")
     else:
         print(handle.summary())
     if args.plot:

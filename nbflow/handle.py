@@ -262,6 +262,10 @@ class Run:
         override its placeholders; ``from_step`` forces that step and its
         dependents to run even if their outputs are still valid.
         """
+        if isinstance(spec, WorkflowSpec):
+            # its parameters are what runs, so they are what the record keeps (a fix may set one)
+            self.overrides = dict(spec.overrides)
+            spec = spec.text if parameters else spec  # read again with the new parameters below
         if parameters:
             self.overrides.update(parameters)
         if isinstance(spec, str):

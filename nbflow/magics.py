@@ -124,12 +124,13 @@ class WorkflowMagics(Magics):
               help="raise WorkflowFailed when a step fails (default: when no widgets are shown)")
     @argument("--no-raise", dest="raise_", action="store_false")
     @argument("--from", dest="from_step", default=None, help="(rerun) also rerun this step and after")
+    @argument("--fix", type=int, default=None, metavar="N", help="(rerun) apply the diagnosis' fix N first")
     @line_cell_magic
     def workflow(self, line: str, cell: str | None = None):
         """Run the workflow in the cell: ``%%workflow [--name VAR] [-p key=value] [--dry-run] ...``
 
         As a line magic: ``%workflow runs``, ``%workflow show [RUN_ID]``,
-        ``%workflow rerun [RUN_ID] [--from STEP]``.
+        ``%workflow rerun [RUN_ID] [--from STEP] [--fix N]``.
         """
         try:
             args = parse_argstring(self.workflow, line)
@@ -211,10 +212,19 @@ class WorkflowMagics(Magics):
         if command == "rerun":
             ns = self.shell.user_ns
             run = open_run(run_id, store=args.store, namespace=ns)
+            spec = None
+            if args.fix is not None:  # numbered from 1, as the root cause lists them
+                from nbflow.cli import fix_problem
+
+                problem = fix_problem(run, args.fix, rerun="%workflow rerun")
+                if problem:
+                    raise UsageError(f"%workflow rerun --fix {args.fix}: {problem}")
+                run.overrides.update(params)
+                spec = run.apply_fix(args.fix - 1)
             ns[args.name] = run
             widgets = renders_widgets(self.shell, args.no_widgets)
-            return self._execute(run, widgets, args.raise_,
-                                 lambda: run.rerun(parameters=params or None, from_step=args.from_step))
+            return self._execute(run, widgets, args.raise_, lambda: run.rerun(
+                spec, parameters=None if spec is not None else params or None, from_step=args.from_step))
         raise UsageError(f"%workflow {command}: unknown command — use runs, show [RUN_ID] or rerun [RUN_ID]")
 
 

@@ -77,6 +77,7 @@ class WorkflowSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     text: str = ""  # the source text, as written
     filename: str = "workflow.yaml"
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # the caller's, as parse got them
 
     def step(self, name: str) -> StepSpec:
         for step in self.steps:
@@ -94,8 +95,7 @@ ActionCheck = Callable[[str], "list[str] | None"]
 
 
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
-         namespace: Mapping[str, Any] | None = None, action_check: ActionCheck | None = None
-         ) -> WorkflowSpec:
+         namespace: Mapping[str, Any] | None = None, action_check: ActionCheck | None = None) -> WorkflowSpec:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -106,10 +106,9 @@ def load(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
                  action_check=action_check)
 
 
-def parse(text: str, *, filename: str = "workflow.yaml",
-          overrides: Mapping[str, Any] | None = None,
-          namespace: Mapping[str, Any] | None = None,
-          action_check: ActionCheck | None = None) -> WorkflowSpec:
+def parse(text: str, *, filename: str = "workflow.yaml", overrides: Mapping[str, Any] | None = None,
+          namespace: Mapping[str, Any] | None = None, action_check: ActionCheck | None = None
+          ) -> WorkflowSpec:
     """Parse and validate workflow text.
 
     ``overrides`` (CLI ``-p``, ``--param``, papermill) win over ``namespace``
@@ -149,7 +148,8 @@ def parse(text: str, *, filename: str = "workflow.yaml",
         raise SpecError(sorted(r.problems, key=lambda p: (p.line is not None, p.line or 0, p.column or 0)),
                         filename)
     return WorkflowSpec(steps=steps, name=name or "", version=version, description=description,
-                        parameters=r.params, defaults=defaults, text=text, filename=filename)
+                        parameters=r.params, defaults=defaults, text=text, filename=filename,
+                        overrides=dict(overrides or {}))
 
 
 class _Reader:

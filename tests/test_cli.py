@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import textwrap
@@ -82,8 +83,8 @@ def calls(project: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def latest_run(project: Path) -> dict:
-    runs = sorted((project / ".nbflow" / "runs").iterdir())
+def latest_run(project: Path, store: str = ".nbflow") -> dict:
+    runs = sorted((project / store / "runs").iterdir())
     return json.loads((runs[-1] / "run.json").read_text())
 
 
@@ -285,3 +286,70 @@ def test_a_run_in_progress_elsewhere_shows_running_and_a_killed_one_cancelled(pr
     res = cli(project, "rerun", "latest", timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
     assert latest_run(project)["status"] == "completed"
+
+
+def test_the_fix_the_log_names_is_a_command_that_applies_it_and_reuses_what_completed(project):
+    # a schema that misspells a column: the diagnosis renames it in the workflow
+    (project / "typo.yaml").write_text(WORKFLOW.replace("""  - name: tag
+    action: mysteps:tag
+    needs: count
+    params: {factor: "{factor}"}""", """  - name: tag
+    action: data.validate
+    needs: count
+    params: {schema: {amout: float64}}"""))
+    res = cli(project, "run", "typo.yaml", "--store", "st")
+    assert res.returncode == 1, res.stdout + res.stderr
+    run_id = latest_run(project, "st")["run_id"]
+    hints = [line.split("Apply it: ", 1)[1] for line in res.stdout.splitlines() if "Apply it: " in line]
+    # the command to type here: the store it needs, this run, the fix's number as listed
+    assert hints and hints[0].startswith(f"nbflow rerun --store st {run_id} --fix "), res.stdout
+    number = int(hints[0].rsplit(" ", 1)[1])
+    assert f"  {number}. Validate 'amount' instead of 'amout'" in cli(project, "show", "--store", "st",
+                                                                       run_id).stdout
+    count_calls = calls(project).count("count")
+
+    res = subprocess.run(nbflow_cmd(*shlex.split(hints[0])[1:]), cwd=project, capture_output=True,
+                         text=True, timeout=120, env=subprocess_env(PYTHONPATH=str(project)))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"fix {number} applied: Validate 'amount' instead of 'amout'" in res.stdout
+    assert "Workflow restarted (reusing: extract, count)" in res.stdout
+    assert calls(project).count("count") == count_calls
+    assert statuses(latest_run(project, "st")) == {"extract": "reused", "count": "reused",
+                                                   "tag": "completed", "load": "completed"}
+    assert len(pd.read_parquet(project / "out/tagged.parquet")) == 1000
+    # the corrected workflow is the run's now: printed for the user to keep, used by the next rerun
+    shown = cli(project, "show", "--store", "st", run_id, "--workflow")
+    assert "params: {schema: {amount: float64}}" in shown.stdout and "amout" not in shown.stdout
+    assert (project / "typo.yaml").read_text().count("amout") == 1  # the user's file is untouched
+
+
+def test_a_fix_that_is_not_a_workflow_change_is_refused_with_what_to_do(project):
+    (project / "FAIL").touch()
+    assert cli(project, "run", "wf.yaml").returncode == 1
+    before = latest_run(project)
+    for number, says in ((1, "changes your code, not the workflow: Fix what raises it at"),
+                         (9, "there is no fix 9: run"), (0, "there is no fix 0")):
+        res = cli(project, "rerun", "latest", "--fix", str(number))
+        assert res.returncode == 2 and says in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    assert latest_run(project) == before  # nothing ran, nothing recorded
+    (project / "FAIL").unlink()
+    assert cli(project, "run", "wf.yaml").returncode == 0
+    res = cli(project, "rerun", "latest", "--fix", "1")
+    assert res.returncode == 2 and "has no fixes to apply (completed" in res.stderr
+
+
+def test_an_interrupted_run_names_the_command_that_continues_it():
+    from nbflow.diagnose import Fix, RootCause
+    from nbflow.ui import rootcause
+
+    rc = RootCause(step="slow", error_type="RunInterrupted", message="cancelled", run_id="r-1",
+                   resolution_options=(Fix(title="Rerun", kind="rerun", snippet="run.rerun()",
+                                           estimate="runs slow", confidence=0.9),))
+    assert "Fix: run.rerun() — runs slow" in rootcause.render_log(rc)
+    rootcause.phrase_for_shell("nbflow rerun --store 'my runs'")
+    try:
+        assert "Fix: nbflow rerun --store 'my runs' r-1 — runs slow" in rootcause.render_log(rc)
+        assert "       nbflow rerun --store 'my runs' r-1" in rootcause.render_text(rc)
+    finally:
+        rootcause.phrase_for_shell(None)

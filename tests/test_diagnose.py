@@ -291,6 +291,28 @@ def test_missing_input_file_suggests_the_near_match(csv_in_workdir):
     assert run.status == "completed" and run.records["t"].records_out == 1000
 
 
+
+def test_a_fix_of_a_caller_parameter_is_kept_for_later_reruns(csv_in_workdir):
+    # the path came from the caller (-p, papermill): the fix changes that parameter, not the text
+    workflow = _wf(extract(), """  - name: t
+    action: data.load
+    needs: extract
+    params: {path: out.parquet}""")
+    run = nbflow.run(workflow, parameters={"input_path": "record.csv"}, log=False)
+    top = run.fixes[0]
+    assert (top.kind, top.overrides, top.snippet) == ("parameters", {"input_path": "records.csv"},
+                                                      "-p input_path=records.csv")
+    run.rerun(run.apply_fix(0))
+    assert run.status == "completed", run.summary()
+    # recorded with the parameter that ran: a new process's rerun reuses both steps
+    assert run.run_dir.read_run()["overrides"] == {"input_path": "records.csv"}
+    again = nbflow.open_run(run.run_id, log=False).rerun(from_step="t")
+    assert again.spec.parameters["input_path"] == "records.csv"
+    assert (again.records["extract"].status, again.records["t"].status) == (Status.REUSED, Status.COMPLETED)
+    # parameters given with a corrected workflow are not dropped
+    again.rerun(again.apply_fix(0) if again.fixes else again.spec, parameters={"input_path": "nope.csv"})
+    assert again.status == "failed" and again.root_cause.error_type == "InputNotFound"
+
 def test_a_gap_far_into_a_column_of_whole_numbers_gets_the_dtype_that_reads_it(workdir):
     # 40,000 whole numbers, then one empty value: past the 256 kB the dtypes are read from
     rows = ["id,qty"] + [f"{i},{i % 7}" for i in range(40_000)] + ["40000,"]

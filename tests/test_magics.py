@@ -127,6 +127,22 @@ def test_line_magics_runs_show_rerun(ip, capsys):
     assert rerun.records["keep"].status is Status.COMPLETED
 
 
+
+def test_line_magic_rerun_applies_a_fix_by_its_number(ip):
+    # keep's threshold given as text: the diagnosis offers the number in the workflow
+    ip.run_cell("def keep_above(df, threshold=0):\n    return df[df.amount > threshold]\n")
+    ip.run_cell("%%workflow --fresh --no-raise\n" + WF.replace('threshold: "{threshold}"', "threshold: '50'"))
+    failed = ip.user_ns["workflow_run"]
+    assert failed.status == "failed"
+    number = next(i for i, fix in enumerate(failed.fixes, 1) if fix.workflow is not None)
+    with pytest.raises(UsageError, match="there is no fix 99"):
+        ip.run_line_magic("workflow", f"rerun {failed.run_id} --fix 99")
+    rerun = ip.run_line_magic("workflow", f"rerun {failed.run_id} --fix {number}")
+    assert rerun.status == "completed", rerun.summary()
+    assert rerun.records["extract"].status is Status.REUSED
+    assert "threshold: 50}" in rerun.spec.text
+    assert (rerun.outputs["keep"].compute()["amount"] > 50).all()
+
 def test_widget_decision():
     from nbflow.magics import renders_widgets
 

@@ -14,6 +14,31 @@ from nbflow.units import format_size
 WIDTH = 100
 MEMORY_ERRORS = ("MemoryBudgetExceeded", "MemoryError")
 
+#: how the hints say "rerun": None for Python calls (notebooks, scripts, papermill); the CLI
+#: sets its command (``nbflow rerun``, with ``--store`` when it is not the default)
+_rerun_command: str | None = None
+
+
+def phrase_for_shell(command: str | None = "nbflow rerun") -> None:
+    """Make the hints shell commands (``nbflow rerun RUN --fix 1``): what a terminal user types."""
+    global _rerun_command
+    _rerun_command = command
+
+
+def rerun_hint(rc) -> str:
+    return f"{_rerun_command} {rc.run_id or 'latest'}" if _rerun_command else "run.rerun()"
+
+
+def apply_hint(rc, n: int = 1) -> str:
+    """How to rerun with fix ``n`` (numbered from 1, as the text lists them) applied."""
+    if _rerun_command:
+        return f"{_rerun_command} {rc.run_id or 'latest'} --fix {n}"
+    return f"run.rerun(run.apply_fix({n - 1}))"
+
+
+def _snippet(rc, fix) -> str:
+    return rerun_hint(rc) if fix.kind == "rerun" else (fix.snippet or "")
+
 
 def _wrap(text: str, indent: str, first: str | None = None) -> list[str]:
     first = indent if first is None else first
@@ -108,14 +133,16 @@ def render_text(rc) -> str:
         lines += ["", "What to change (most likely to work first):"]
         for n, fix in enumerate(rc.resolution_options, 1):
             lines += _wrap(f"{fix.title} [{fix.confidence:.0%}]", "     ", f"  {n}. ")
-            for snippet in (fix.snippet or "").splitlines():
+            for snippet in _snippet(rc, fix).splitlines():
                 lines.append(f"       {snippet}")
             lines += _wrap(fix.estimate, "       ", "       ")
     if rc.workflow_diff:
         lines += ["", "Corrected workflow (fix 1), as a diff:"]
         lines += [f"  {line}" for line in rc.workflow_diff.rstrip("\n").splitlines()]
         if rc.resolution_options and rc.resolution_options[0].workflow is not None:
-            lines.append("  apply it: run.rerun(run.apply_fix(0))")
+            others = sum(f.workflow is not None for f in rc.resolution_options) > 1
+            lines.append(f"  apply it: {apply_hint(rc)}"
+                         + (" (or another option's number)" if others and _rerun_command else ""))
     if rc.blocked:
         lines += ["", f"Skipped because of it: {', '.join(rc.blocked)}"]
     return "\n".join(lines)
@@ -126,10 +153,11 @@ def render_log(rc, factors: int = 2) -> list[str]:
     lines = [f"Why: {f.text}" for f in rc.contributing_factors[:factors]]
     if rc.resolution_options:
         fix = rc.resolution_options[0]
-        what = fix.snippet.replace("\n", " ") if fix.snippet else fix.title
+        snippet = _snippet(rc, fix)
+        what = snippet.replace("\n", " ") if snippet else fix.title
         lines.append(f"Fix: {what} — {fix.estimate.split(': ', 1)[0]}")
         if fix.workflow is not None and rc.error_type != "RunInterrupted":
-            lines.append("     run.rerun(run.apply_fix(0)) applies it")
+            lines.append(f"Apply it: {apply_hint(rc)}")
     return lines
 
 
