@@ -29,16 +29,18 @@ def run_summary(state: RunState, spec=None) -> str:
         cells = step_cells(rec)
         rows.append([cells["status"], name, cells["time"], cells["records"], cells["chunks"], cells["memory"]])
     lines = [head, "", table(rows, ["status", "step", "time", "records", "chunks", "memory"])]
+    told: set[str] = set()  # skipped steps a root cause already names ("Skipped because of it")
     for name, rec in state.steps.items():
         if rec.root_cause and rec.status in (Status.FAILED, Status.CANCELLED):
             lines += ["", _root_cause_text(rec.root_cause)]
+            told.update(rec.root_cause.get("blocked") or ())
         elif rec.status is Status.FAILED and rec.error:
             lines += ["", f"{name} failed: {rec.error.get('error_type')}: {rec.error.get('message')}"]
             if rec.error.get("location"):
                 lines.append(f"  at {rec.error['location']}")
                 if rec.error.get("source_line"):
                     lines.append(f"    {rec.error['source_line']}")
-        elif rec.status is Status.SKIPPED and rec.skipped_reason:
+        elif rec.status is Status.SKIPPED and rec.skipped_reason and name not in told:
             lines.append(f"{name}: {rec.skipped_reason}")
     return "\n".join(lines)
 
