@@ -88,6 +88,8 @@ def test_budget_exceeded_in_memory_is_explained_and_its_fix_runs_under_the_budge
     assert run.status == "failed"
     rc = run.root_cause
     assert (rc.step, rc.error_type, rc.processing_mode) == ("transform", "MemoryBudgetExceeded", "in-memory")
+    assert rc.message.endswith("over its max_memory budget of 60 MB, with all its input in memory at once "
+                               "(streaming: false)") and "chunk" not in rc.message
     # where: the user's own line in hoard, not nbflow's, Dask's or NumPy's
     assert rc.location["function"] == "hoard" and rc.location["file"] == __file__
     assert rc.location["line"] in body_lines(hoard)

@@ -62,6 +62,9 @@ def test_rows_follow_the_records_and_escape_strings(failed):
     assert "nbflow-step-skipped" in dash.rows["after"].box._dom_classes
     assert dash.rows["extract"].progress.value == 1
     assert "1,000 records" in dash.rows["extract"].figures.value
+    # a skipped step never ran: its reason, not a row of dashes
+    skipped = dash.rows["after"].figures.value
+    assert "skipped: tag failed" in skipped and "- records" not in skipped and "peak -" not in skipped
     assert "<b>bad</b>" not in dash.rows["tag"].figures.value
     assert "&lt;b&gt;bad&lt;/b&gt; &amp; unescaped" in dash.rows["tag"].figures.value
     assert "&lt;b&gt;bad&lt;/b&gt;" in dash.root_cause.value and "<b>bad</b>" not in dash.root_cause.value
@@ -78,6 +81,8 @@ def test_rerun_button_reruns_failed_steps_and_shows_reuse(failed):
     assert run.records["extract"].status is Status.REUSED
     assert run.records["tag"].status is Status.COMPLETED
     assert "reused" in dash.rows["extract"].status.value
+    reused = dash.rows["extract"].figures.value  # its records, not this attempt's time or memory
+    assert "1,000 records" in reused and "saved output reused" in reused and "peak" not in reused
     assert "nbflow-step-completed" in dash.rows["after"].box._dom_classes
     assert dash.rerun_button.disabled  # nothing left to rerun
     assert dash.root_cause.value == ""

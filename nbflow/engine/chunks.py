@@ -13,9 +13,10 @@ import dask.dataframe as dd
 import pandas as pd
 
 from nbflow.actions.registry import Action, Effect, StepContext
-from nbflow.errors import StepError
+from nbflow.errors import MemoryBudgetExceeded, StepError
 from nbflow.parts import part_files, part_schema, read_part
 from nbflow.store import read_checkpoint_meta
+from nbflow.units import format_size
 
 #: records per chunk used for ``chunk_size: auto`` until the first chunk is measured
 DEFAULT_AUTO = 100_000
@@ -195,7 +196,14 @@ def apply_action(action: Action, ctx: StepContext, params: Mapping[str, Any], ba
     task = dask.delayed(in_memory, pure=False)(
         func, dict(params), action.kind, names, *[ctx.inputs[n].to_delayed() for n in names],
         chunk=0)
-    return backend.compute(task, cancel)
+    try:
+        return backend.compute(task, cancel)
+    except MemoryBudgetExceeded as err:
+        # one call on all the data: "in chunk 0, after 0 records" would say nothing true
+        err.message = (f"step '{err.step}' used {format_size(err.peak)} above its baseline, over its "
+                       f"max_memory budget of {format_size(err.budget)}, with all its input in memory "
+                       "at once (streaming: false)")
+        raise
 
 
 def bytes_per_record(frame: pd.DataFrame) -> float:

@@ -49,10 +49,15 @@ class StepRow:
             self.progress.value = 0
         self.progress.bar_style = {Status.COMPLETED: "success", Status.REUSED: "info",
                                    Status.FAILED: "danger", Status.CANCELLED: "warning"}.get(rec.status, "")
+        # only the figures the step has: a skipped or pending step shows its status and reason
         bits = [f"{cells['records']} records", f"{cells['chunks']} chunks", cells["time"],
                 f"peak {cells['memory']}"]
+        # (a reused step took no time or memory now: its figures are in nbflow show's table)
+        bits = [b for b, cell in zip(bits, ("records", "chunks", "time", "memory"), strict=True)
+                if not cells[cell].startswith("-") and not (rec.status is Status.REUSED and cell == "memory")]
         text = cells["note"] if len(cells["note"]) <= 90 else cells["note"][:89] + "…"
-        note = f" <span style='color:#666'>— {report.esc(text)}</span>" if text else ""
+        note = (f"{' — ' if bits else ''}<span style='color:#666'>{report.esc(text)}</span>"
+                if text else "")
         self.figures.value = " · ".join(report.esc(b) for b in bits) + note
         new_class = f"nbflow-step-{rec.status.value}"
         if new_class != self._status_class:
