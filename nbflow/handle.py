@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from nbflow import events as ev
-from nbflow.errors import RunBusy, WorkflowFailed
+from nbflow.errors import RunBusy, SpecError, WorkflowFailed
 from nbflow.owner import gone, owner
 from nbflow.plan import Plan, make_plan
 from nbflow.spec import WorkflowSpec, load, parse
@@ -210,8 +210,13 @@ class Run:
         self.memory_plot()  # the last attempt's figure reads the state this one will change
         if previous is None and self.state.attempt:
             previous = self.state
-        plan = make_plan(self.spec, namespace=self.namespace, previous=previous, force=set(force),
-                         workdir=self.workdir)
+        self.run_dir.create()
+        try:
+            plan = make_plan(self.spec, namespace=self.namespace, previous=previous, force=set(force),
+                             workdir=self.workdir)
+        except SpecError:
+            self.run_dir.discard_if_empty()  # a workflow that can't run leaves no empty run behind
+            raise
         self.plan = plan
         self._cancel.clear()
         self._running = True

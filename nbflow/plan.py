@@ -17,6 +17,7 @@ from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any, Mapping
 
+from nbflow.actions.params import param_problems
 from nbflow.actions.registry import Action, resolve
 from nbflow.errors import Problem, SpecError
 from nbflow.spec import StepSpec, WorkflowSpec
@@ -152,6 +153,9 @@ def make_plan(spec: WorkflowSpec, *, namespace: Mapping[str, Any] | None = None,
                 f"step '{name}': the chunk-wise action '{step.action}' needs exactly one input, "
                 f"it has {len(step.needs)}", line=step.lines.get("needs", step.line),
                 hint="give it one step under needs:, or register it with kind='whole'"))
+            continue
+        if bad := param_problems(step, action, params):
+            problems.extend(bad)
             continue
         if any(n not in planned for n in step.needs):
             continue  # an input failed to plan: already reported

@@ -89,6 +89,11 @@ class RunDir:
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         return self
 
+    def discard_if_empty(self) -> None:
+        """Remove the folder of a run that never started (no record, no checkpoint)."""
+        if not (self.path / RUN_FILE).exists() and not any((self.path / "checkpoints").iterdir()):
+            shutil.rmtree(self.path, ignore_errors=True)
+
     def write_run(self, data: dict[str, Any]) -> None:
         with self._lock:
             write_json_atomic(self.path / RUN_FILE, data)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import dask
@@ -347,6 +348,47 @@ def test_load_refuses_to_overwrite_when_told(tmp_path):
         resolve("data.load").func(ctx(tmp_path, data=source()), "out.csv", overwrite=False)
     assert (tmp_path / "out.csv").read_text() == "keep\n"
 
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("path, says", [
+    (".", "is the working directory"),
+    ("..", "is a folder above the working directory"),
+    ("mine", "is a folder holding files that are not Parquet parts (notes.txt, sub/data.csv)"),
+    ("mine/notes.txt", "is a file that is not Parquet"),
+])
+def test_load_never_replaces_what_is_not_an_earlier_output(tmp_path, path, says):
+    # the commit swaps the whole destination for the new data: a wrong path must lose nothing
+    work = tmp_path / "work"
+    (work / "mine" / "sub").mkdir(parents=True)
+    (work / "mine" / "notes.txt").write_text("my notes\n")
+    (work / "mine" / "sub" / "data.csv").write_text("id\n1\n")
+    (work / "mine" / "p.parquet").write_bytes(b"PAR1")
+    before = tree(tmp_path)
+    step = StepContext(step=StepSpec("save", "data.load"), inputs={"up": source()}, chunk_size=100,
+                       streaming=True, workdir=work)
+    fmt = {"format": "parquet"}
+    with pytest.raises(StepError, match=f"{re.escape(says)}.*nothing was written — choose another path "
+                                        r"\(e.g. path: out/save.parquet\)"):
+        resolve("data.load").func(step, path, **fmt)
+    with pytest.raises(StepError, match="nothing was written"):  # the pass's writer checks the same
+        resolve("data.load").chunk_sink(path=path, **fmt)(step)
+    assert tree(tmp_path) == before
+
+
+def test_load_replaces_a_dataset_another_tool_wrote(tmp_path):
+    spark = tmp_path / "out"
+    spark.mkdir()
+    records().to_parquet(spark / "part-00000-1234.snappy.parquet")
+    (spark / "_SUCCESS").touch()
+    (spark / ".part-00000-1234.snappy.parquet.crc").write_bytes(b"crc")
+    run(resolve("data.load").func(ctx(tmp_path, data=source(500)), "out"))
+    assert sorted(p.name for p in spark.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    with pytest.raises(StepError, match="'out' is a folder, and a CSV output is one file"):
+        resolve("data.load").func(ctx(tmp_path, data=source(500)), "out", format="csv")
 
 # A writer killed outright (SIGKILL: no finally, no abort) in a real process, at two places
 KILLED_WRITER = """

@@ -224,6 +224,15 @@ def test_invalid_workflow_exits_2_with_line_and_no_traceback(project):
         assert res.returncode == 2
         assert "line 8" in res.stderr and "did you mean 'extract'" in res.stderr
         assert "Traceback" not in res.stderr
+    # a parameter the action doesn't take: found before anything runs, nothing written
+    (project / "typo.yaml").write_text(WORKFLOW.replace("{factor: \"{factor}\"}", "{factr: 2}"))
+    for command in (["run", "typo.yaml"], ["validate", "typo.yaml"]):
+        res = cli(project, *command)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert ("typo.yaml, line 13: step 'tag': mysteps:tag has no parameter 'factr' — did you mean "
+                "'factor'?") in res.stderr and "Traceback" not in res.stderr
+    assert calls(project) == [] and not list(project.glob(".nbflow/runs/*"))  # no empty run left
+    assert "no runs yet" in cli(project, "runs").stdout
 
 
 def test_usage_errors_exit_2(project):

@@ -666,3 +666,62 @@ def test_any_edit_of_a_workflow_parses_or_raises_spec_error(edits):
         parse(text, overrides={"rows": 3}, action_check=lambda name: None)
     except SpecError as err:  # never a KeyError, TypeError or RecursionError from a typo
         assert err.problems and str(err)
+
+
+def test_params_are_checked_against_their_actions_before_anything_runs():
+    from nbflow.plan import make_plan
+
+    def tag(df, factor, label="x"):
+        return df
+
+    def anything(df, **options):
+        return df
+
+    spec = parse(textwrap.dedent("""\
+        name: wf
+        steps:
+          - name: read
+            action: data.extract
+            params: {pth: data.csv, sep: ";"}
+          - name: check
+            action: data.validate
+            needs: read
+            params: {schema: {id: int64}, strict: true}
+          - name: tagged
+            action: tag
+            needs: check
+            params: {factr: 2}
+          - name: free
+            action: anything
+            needs: tagged
+            params: {whatever: 1}
+          - name: apply
+            action: data.transform
+            needs: free
+            params: {function: tag, factor: 2, colour: red}
+          - name: save
+            action: data.load
+            needs: apply
+            params:
+              path: out/x.parquet
+              compresion: zstd
+              row_group_size: 1000
+          - name: nowhere
+            action: data.load
+            needs: apply
+            params: {path: ""}
+        """))
+    with pytest.raises(SpecError) as info:
+        make_plan(spec, namespace={"tag": tag, "anything": anything})
+    found = [(p.line, p.message, p.hint) for p in info.value.problems]
+    assert found == [
+        (5, "step 'read': data.extract needs the parameter 'path'", "did you mean 'path' where it says 'pth'?"),
+        (9, "step 'check': data.validate has no parameter 'strict'", "it takes schema"),
+        (13, "step 'tagged': tag needs the parameter 'factor'", "did you mean 'factor' where it says 'factr'?"),
+        (13, "step 'tagged': tag has no parameter 'factr'", "did you mean 'factor'?"),
+        (21, "step 'apply': tag has no parameter 'colour'", "it takes factor, label"),
+        (27, "step 'save': data.load has no parameter 'compresion'",
+         "did you mean 'compression' or 'compression_level'?"),
+        (32, "step 'nowhere': data.load: path is empty", "e.g. path: out/clean.parquet"),
+    ]
+    assert "workflow.yaml, line 5: step 'read'" in str(info.value)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import glob
+import inspect
 import math
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,7 +33,7 @@ _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 # -- data.extract -------------------------------------------------------------------------
 
-@action("data.extract", kind="step", chunkwise=True)
+@action("data.extract", kind="step", chunkwise=True, options=lambda params: _extract_options(params))
 def extract(ctx: StepContext, path: str, format: str | None = None,
             columns: list[str] | None = None, **read_kwargs) -> Any:
     """Read CSV/TSV, Parquet or JSON Lines (a file, a directory or a glob) in chunks.
@@ -146,13 +148,35 @@ def _input_format(path: str | Path, files: list[Path], explicit: str | None) -> 
     for candidate in (Path(path), files[0]):
         if candidate.is_dir():
             return "parquet"
-        suffixes = [s.lower() for s in candidate.suffixes]
-        if suffixes and suffixes[-1] in _COMPRESSED:
-            suffixes.pop()
-        if suffixes and suffixes[-1] in _SUFFIXES:
-            return _SUFFIXES[suffixes[-1]]
+        if fmt := _format_by_name(candidate):
+            return fmt
     raise StepError(f"data.extract: can't tell the format of '{path}' from its name; "
                     f"add format: ({' | '.join(FORMATS)})", {"path": str(path)})
+
+
+def _format_by_name(path: str | Path) -> str | None:
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes.pop()
+    return _SUFFIXES.get(suffixes[-1]) if suffixes else None
+
+
+def _named_options(func, *skip: str) -> list[str]:
+    return [name for name, p in inspect.signature(func).parameters.items()
+            if name not in skip and p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def _extract_options(params: Mapping[str, Any]) -> list[str] | None:
+    """The read options data.extract passes on (pandas' for CSV and JSON Lines; none for
+    Parquet), by the format its path or format: names; None when that isn't known yet."""
+    explicit = params.get("format")
+    fmt = (_ALIASES.get(str(explicit).lower(), str(explicit).lower()) if explicit
+           else _format_by_name(str(params.get("path") or "")))
+    if fmt in ("csv", "tsv"):
+        return _named_options(pd.read_csv, "filepath_or_buffer")
+    if fmt == "jsonl":
+        return _named_options(pd.read_json, "path_or_buf", "lines")
+    return [] if fmt == "parquet" else None
 
 
 def _parquet_files(paths: list[Path]) -> list[Path]:
@@ -240,17 +264,70 @@ def _load_chunk_sink(path: str = "", format: str | None = None, overwrite: bool 
 
 def _parquet_writer(ctx: StepContext, path: str, overwrite: bool, write_kwargs: dict) -> AtomicWriter:
     dest = ctx.path(path)
-    _check_overwrite(dest, path, overwrite)
+    _check_dest(ctx, dest, path, overwrite, "parquet")
     return AtomicWriter(dest, "parquet", {"compression": "snappy", **write_kwargs}, overwrite=overwrite)
 
 
-def _check_overwrite(dest: Path, path: str, overwrite: bool) -> None:
-    if not overwrite and dest.exists():
+def _load_options(params: Mapping[str, Any]) -> list[str] | None:
+    """The write options data.load passes on: Arrow's Parquet writer's, or its CSV WriteOptions'."""
+    fmt = _output_format(str(params.get("path") or ""), params.get("format"))
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return _named_options(pq.write_table, "table", "where", "filesystem")
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        return ["sep"] + [name for name in dir(pacsv.WriteOptions())
+                          if not name.startswith("_") and name not in ("include_header", "validate")]
+    return None
+
+
+#: what a Parquet dataset folder holds (nbflow's, Dask's, Spark's): data.load may replace it
+_DATASET_FILE = re.compile(r".+\.(parquet|pq|crc)|_metadata|_common_metadata|_SUCCESS", re.IGNORECASE)
+
+
+def _check_dest(ctx: StepContext, dest: Path, path: str, overwrite: bool, fmt: str) -> None:
+    """Refuse a destination whose replacement would lose what is not an earlier output:
+    the working directory or a folder above it, a folder of other files, a non-Parquet
+    file in place of a dataset. (A commit swaps the whole of ``dest`` for the new data.)"""
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    if not overwrite:
         raise StepError(f"data.load: '{path}' exists and overwrite is false; remove it or set "
                         "overwrite: true", {"path": str(dest)})
+    where, home = dest.resolve(), Path(ctx.workdir).resolve()
+    example = f"e.g. path: out/{ctx.step.name}.{'csv' if fmt == 'csv' else 'parquet'}"
+    problem = None
+    if where == home or where in home.parents:
+        problem = (f"'{path}' is {'the working directory' if where == home else 'a folder above the working directory'}"
+                   f" ({where}): writing there would replace everything in it")
+    elif dest.is_dir() and fmt == "csv":
+        problem = f"'{path}' is a folder, and a CSV output is one file"
+    elif dest.is_dir():
+        others = sorted(str(f.relative_to(dest)) for f in dest.rglob("*")
+                        if f.is_file() and not _DATASET_FILE.fullmatch(f.name))
+        if others:
+            problem = (f"'{path}' is a folder holding files that are not Parquet parts "
+                       f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): the output "
+                       "replaces the whole folder, so it is written only over a Parquet dataset")
+    elif fmt == "parquet" and not _is_parquet_file(dest):
+        problem = f"'{path}' is a file that is not Parquet: the output (a folder of parts) would replace it"
+    if problem:
+        raise StepError(f"data.load: {problem}; nothing was written — choose another path ({example}) "
+                        "or move what is there", {"path": str(dest)})
 
 
-@action("data.load", kind="step", input_format=_load_input_format, chunk_sink=_load_chunk_sink)
+def _is_parquet_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
+@action("data.load", kind="step", input_format=_load_input_format, chunk_sink=_load_chunk_sink,
+        options=_load_options)
 def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool = True,
          **write_kwargs) -> Effect:
     """Write a Parquet dataset (a folder of part files) or one CSV file, atomically."""
@@ -272,7 +349,7 @@ def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool
                                  meta=WRITE_META, enforce_metadata=False, label="nbflow-copy-parts")
             return Effect(chunks=chunks, finish=writer.commit, output=None, abort=writer.abort)
     else:
-        _check_overwrite(dest, path, overwrite)
+        _check_dest(ctx, dest, path, overwrite, "csv")
         writer = AtomicWriter(dest, "csv", write_kwargs, [str(c) for c in ctx.input.columns],
                                overwrite=overwrite)
     return sink(ctx.input, writer)

@@ -56,6 +56,9 @@ class Action:
     #: a sink that can take its input chunk by chunk (data.load to Parquet):
     #: ``f(**params) -> make(ctx) -> AtomicWriter``, or None when it needs the whole input
     chunk_sink: Callable[..., Callable[[StepContext], Any] | None] | None = field(default=None, compare=False)
+    #: ``f(params) -> names | None``: what the function's ``**kwargs`` take, given its params
+    #: (data.extract's pandas read options, data.load's Arrow write options); None: anything
+    options: Callable[[Mapping[str, Any]], list[str] | None] | None = field(default=None, compare=False)
 
     def fingerprint(self) -> str:
         """A hash of the action's code: its source text where Python can find it.
@@ -127,7 +130,8 @@ _REGISTRY: dict[str, Action] = {}
 def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = True,
            input_format: Callable[[Mapping[str, Any]], str | None] | None = None,
            chunkwise: bool = False, chunk_check: Callable[..., tuple[Callable, Callable]] | None = None,
-           chunk_sink: Callable[..., Callable | None] | None = None):
+           chunk_sink: Callable[..., Callable | None] | None = None,
+           options: Callable[[Mapping[str, Any]], list[str] | None] | None = None):
     """Register a function as a workflow action.
 
     >>> @action("demo.double")
@@ -142,7 +146,7 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
     def register(func: Callable) -> Callable:
         key = name or func.__name__
         _REGISTRY[key] = Action(key, func, kind, streaming, (func.__doc__ or "").strip(), input_format,
-                                chunkwise, chunk_check, chunk_sink)
+                                chunkwise, chunk_check, chunk_sink, options)
         func.__nbflow_action__ = _REGISTRY[key]
         return func
 

@@ -27,7 +27,7 @@ _PROBLEMS_META = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("chunk", "cou
                                             else "str") for c in _PROBLEM_COLUMNS})
 
 
-def _validate_check(schema: Mapping[str, Any], **_) -> tuple:
+def _validate_check(schema: Mapping[str, Any]) -> tuple:
     """data.validate as two functions: ``check(df, chunk)`` -> the chunk's problems, and
     ``finish(problems of every chunk)``, which raises SchemaError naming them all."""
     rules = _rules(schema)
@@ -35,7 +35,7 @@ def _validate_check(schema: Mapping[str, Any], **_) -> tuple:
 
 
 @action("data.validate", kind="step", chunkwise=True, chunk_check=_validate_check)
-def validate(ctx: StepContext, schema: Mapping[str, Any], **_) -> Effect:
+def validate(ctx: StepContext, schema: Mapping[str, Any]) -> Effect:
     """Check columns, dtypes and nulls chunk by chunk; fail with every problem found."""
     rules = _rules(schema)
     chunks = ctx.input.map_partitions(_check_chunk, rules, meta=_PROBLEMS_META)
