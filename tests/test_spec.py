@@ -725,3 +725,29 @@ def test_params_are_checked_against_their_actions_before_anything_runs():
         (32, "step 'nowhere': data.load: path is empty", "e.g. path: out/clean.parquet"),
     ]
     assert "workflow.yaml, line 5: step 'read'" in str(info.value)
+
+
+def test_a_schema_is_checked_when_the_workflow_is_planned():
+    from nbflow.plan import make_plan
+
+    spec = parse(textwrap.dedent("""\
+        name: wf
+        steps:
+          - {name: read, action: data.extract, params: {path: data.csv}}
+          - name: check
+            action: data.validate
+            needs: read
+            params:
+              schema: {id: integer, amount: {dtype: float64, nulable: true}, note: {dtype: string, required: "no"}}
+          - {name: listed, action: data.validate, needs: read, params: {schema: [id, amount]}}
+        """))
+    with pytest.raises(SpecError) as info:
+        make_plan(spec)
+    assert [(p.line, p.message, p.hint) for p in info.value.problems] == [
+        (8, "step 'check': data.validate: column 'id' has dtype 'integer'", "did you mean 'int'?"),
+        (8, "step 'check': data.validate: column 'amount' has unknown key 'nulable'", "did you mean 'nullable'?"),
+        (8, "step 'check': data.validate: column 'note': required must be true or false, not 'no'",
+         "write required: true or required: false"),
+        (9, "step 'listed': data.validate: schema must map column names to dtypes",
+         "e.g. schema: {id: int64, amount: {dtype: float64, nullable: true}}"),
+    ]

@@ -57,6 +57,9 @@ def param_problems(step, action: Action, params: Mapping[str, Any]) -> list[Prob
                 problems.append(Problem(f"{label} has no parameter '{key}'",
                                         line=step.lines.get(f"params.{key}", at_params),
                                         hint=did_you_mean(close_matches(key, named)) or takes))
+    if not problems and action.param_check is not None:
+        problems += [Problem(f"{label}: {message}", line=step.lines.get(f"params.{key}", at_params), hint=hint)
+                     for key, message, hint in action.param_check(params)]
     path = params.get("path")
     if action.name in PATHS and "path" in params and not (isinstance(path, str) and path.strip()):
         problems.append(Problem(f"{label}: path is empty" if isinstance(path, str) or path is None

@@ -59,6 +59,10 @@ class Action:
     #: ``f(params) -> names | None``: what the function's ``**kwargs`` take, given its params
     #: (data.extract's pandas read options, data.load's Arrow write options); None: anything
     options: Callable[[Mapping[str, Any]], list[str] | None] | None = field(default=None, compare=False)
+    #: ``f(params) -> [(param, message, hint), ...]``: what is wrong with the params' values
+    #: (data.validate's schema), checked when the workflow is planned
+    param_check: Callable[[Mapping[str, Any]], list[tuple[str, str, str]]] | None = field(
+        default=None, compare=False)
 
     def fingerprint(self) -> str:
         """A hash of the action's code: its source text where Python can find it.
@@ -131,7 +135,8 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
            input_format: Callable[[Mapping[str, Any]], str | None] | None = None,
            chunkwise: bool = False, chunk_check: Callable[..., tuple[Callable, Callable]] | None = None,
            chunk_sink: Callable[..., Callable | None] | None = None,
-           options: Callable[[Mapping[str, Any]], list[str] | None] | None = None):
+           options: Callable[[Mapping[str, Any]], list[str] | None] | None = None,
+           param_check: Callable[[Mapping[str, Any]], list[tuple[str, str, str]]] | None = None):
     """Register a function as a workflow action.
 
     >>> @action("demo.double")
@@ -146,7 +151,7 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
     def register(func: Callable) -> Callable:
         key = name or func.__name__
         _REGISTRY[key] = Action(key, func, kind, streaming, (func.__doc__ or "").strip(), input_format,
-                                chunkwise, chunk_check, chunk_sink, options)
+                                chunkwise, chunk_check, chunk_sink, options, param_check)
         func.__nbflow_action__ = _REGISTRY[key]
         return func
 

@@ -18,10 +18,12 @@ from pandas.api import types as pdt
 
 from nbflow.actions.registry import Effect, StepContext, action
 from nbflow.errors import SchemaError, StepError
+from nbflow.yamlnodes import close_matches, did_you_mean
 
 _FAMILIES = {"int64": "int", "int32": "int", "int": "int", "float64": "float", "float": "float",
              "string": "string", "str": "string", "bool": "bool", "datetime64": "datetime",
              "datetime": "datetime", "category": "category"}
+_RULE_KEYS = ("dtype", "nullable", "required")
 _PROBLEM_COLUMNS = ("chunk", "column", "kind", "expected", "found", "count", "examples", "records")
 _PROBLEMS_META = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("chunk", "count", "records")
                                             else "str") for c in _PROBLEM_COLUMNS})
@@ -34,7 +36,39 @@ def _validate_check(schema: Mapping[str, Any]) -> tuple:
     return partial(_check_one, rules=rules), partial(_finish_validate, rules)
 
 
-@action("data.validate", kind="step", chunkwise=True, chunk_check=_validate_check)
+def schema_problems(params: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Each problem of ``params.schema`` as (param, message, hint): checked when the workflow
+    is planned, so a misspelt dtype or rule fails before the steps before it run."""
+    schema = params.get("schema")
+    if not isinstance(schema, Mapping) or not schema:
+        return [("schema", "schema must map column names to dtypes",
+                 "e.g. schema: {id: int64, amount: {dtype: float64, nullable: true}}")]
+    found = []
+    for column, spec in schema.items():
+        spec = {"dtype": spec} if isinstance(spec, str) else spec if spec is not None else {}
+        if not isinstance(spec, Mapping):
+            found.append(("schema", f"column '{column}' has {type(spec).__name__} {spec!r} for its rule",
+                          f"write {column}: int64, or {column}: {{dtype: int64, nullable: false}}"))
+            continue
+        for key in spec:
+            if key not in _RULE_KEYS:
+                found.append(("schema", f"column '{column}' has unknown key '{key}'",
+                              did_you_mean(close_matches(key, _RULE_KEYS))
+                              or f"a column's rule takes {', '.join(_RULE_KEYS)}"))
+        dtype = str(spec.get("dtype", "")).lower()
+        if dtype not in _FAMILIES:
+            found.append(("schema", f"column '{column}' has dtype {spec.get('dtype')!r}" if "dtype" in spec
+                          else f"column '{column}' has no dtype",
+                          did_you_mean(close_matches(dtype, _FAMILIES)) or f"use one of {', '.join(_FAMILIES)}"))
+        for flag in ("nullable", "required"):
+            if flag in spec and not isinstance(spec[flag], bool):
+                found.append(("schema", f"column '{column}': {flag} must be true or false, not {spec[flag]!r}",
+                              f"write {flag}: true or {flag}: false"))
+    return found
+
+
+@action("data.validate", kind="step", chunkwise=True, chunk_check=_validate_check,
+        param_check=schema_problems)
 def validate(ctx: StepContext, schema: Mapping[str, Any]) -> Effect:
     """Check columns, dtypes and nulls chunk by chunk; fail with every problem found."""
     rules = _rules(schema)
@@ -48,19 +82,15 @@ def _check_one(df: pd.DataFrame, chunk: int, rules: dict) -> pd.DataFrame:
 
 
 def _rules(schema: Mapping[str, Any]) -> dict[str, dict]:
-    if not isinstance(schema, Mapping) or not schema:
-        raise StepError("data.validate: schema must map column names to dtypes, e.g. "
-                        "{id: int64, amount: {dtype: float64, nullable: true}}", {"schema": schema})
+    if problems := schema_problems({"schema": schema}):
+        _, message, hint = problems[0]
+        raise StepError(f"data.validate: {message} — {hint}", {"schema": schema})
     rules = {}
     for column, spec in schema.items():
         spec = {"dtype": spec} if isinstance(spec, str) else dict(spec or {})
-        dtype = str(spec.get("dtype", "")).lower()
-        if dtype not in _FAMILIES:
-            raise StepError(f"data.validate: column '{column}' has dtype {spec.get('dtype')!r}; "
-                            f"use one of {', '.join(_FAMILIES)}", {"column": column, "dtype": dtype})
+        dtype = str(spec["dtype"]).lower()
         rules[str(column)] = {"dtype": dtype, "family": _FAMILIES[dtype],
-                              "nullable": bool(spec.get("nullable", True)),
-                              "required": bool(spec.get("required", True))}
+                              "nullable": spec.get("nullable", True), "required": spec.get("required", True)}
     return rules
 
 
