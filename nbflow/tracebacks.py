@@ -36,6 +36,9 @@ class Frame:
 def is_user_file(filename: str) -> bool:
     if filename.startswith("<") and not filename.startswith("<ipython-input"):
         return False
+    if filename.endswith((".pyx", ".pxd", ".pxi")) or not (
+            os.path.isabs(filename) or _IPYKERNEL_CELL.search(filename) or os.path.exists(filename)):
+        return False  # compiled code (pyarrow's Cython names its sources relative): a library's
     path = os.path.realpath(filename)
     if path == _DEMO_FILE:
         return True  # the demo's transforms stand for the user's code

@@ -251,6 +251,29 @@ def test_key_error_in_a_notebook_function_names_the_cell_and_the_columns(csv_in_
         run.apply_fix(0)
 
 
+
+def write_with_a_typo(df):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pandas(df), "x.parquet", compresion="zstd")  # raised in Cython
+    return df
+
+
+def test_an_error_raised_in_compiled_library_code_is_placed_at_the_users_call(csv_in_workdir):
+    from nbflow.tracebacks import is_user_file
+
+    assert not is_user_file("pyarrow/_parquet.pyx") and not is_user_file("pandas/_libs/lib.pyx")
+    assert is_user_file(__file__)
+    run = nbflow.run(_wf(extract(), """  - name: save
+    action: write_with_a_typo
+    needs: extract"""), namespace={"write_with_a_typo": write_with_a_typo}, log=False)
+    rc = run.root_cause
+    assert rc.error_type == "TypeError" and "compresion" in rc.message
+    assert rc.location["function"] == "write_with_a_typo" and rc.location["line"] in body_lines(write_with_a_typo)
+    assert rc.location["code"].startswith("pq.write_table(")
+    assert rc.resolution_options[0].title == f"Fix what raises it at {__file__}:{rc.location['line']}"
+
 def test_schema_mismatch_suggests_reading_the_placeholder_words_as_empty(workdir):
     df = pd.DataFrame({"id": range(1, 201), "amount": [str(i * 1.5) for i in range(200)]})
     df.loc[[3, 50, 120], "amount"] = ["unknown", "?", "unknown"]
