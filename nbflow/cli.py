@@ -191,6 +191,11 @@ def cmd_rerun(args) -> int:
 
     handle = open_run(args.run_id, store=args.store, backend=args.scheduler, log=True)
     params, spec = _params(args.params), None
+    if handle.status == "completed" and not (params or args.fix or args.from_step) and _up_to_date(handle):
+        print(f"run {handle.run_id} is up to date: every step's saved output still matches its "
+              "workflow, code and input files, so nothing reruns (--from STEP runs a step and "
+              "those after it again)")
+        return EXIT_OK
     if args.fix is not None:
         spec = _fixed(handle, args.fix, params)
         if spec is None:
@@ -201,6 +206,15 @@ def cmd_rerun(args) -> int:
     print()
     print(handle.summary())
     return _exit_for(handle)
+
+
+def _up_to_date(handle) -> bool:
+    from nbflow.plan import make_plan
+
+    try:
+        return not make_plan(handle.spec, previous=handle.state, workdir=handle.workdir).to_run
+    except Exception:  # noqa: BLE001 — the rerun itself will say what is wrong
+        return False
 
 
 def fix_problem(handle, number: int, rerun: str = "nbflow rerun") -> str | None:

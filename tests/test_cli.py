@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -363,3 +364,17 @@ def test_an_interrupted_run_names_the_command_that_continues_it():
         assert "       nbflow rerun --store 'my runs' r-1" in rootcause.render_text(rc)
     finally:
         rootcause.phrase_for_shell(None)
+
+
+def test_rerunning_a_completed_run_that_is_up_to_date_runs_and_records_nothing(project):
+    assert cli(project, "run", "wf.yaml").returncode == 0
+    before, called = latest_run(project), calls(project)
+    res = cli(project, "rerun", "latest")
+    assert res.returncode == 0 and f"run {before['run_id']} is up to date" in res.stdout
+    assert latest_run(project) == before and calls(project) == called
+    # a newer input file is a change: the steps from extract on run again
+    stamp = (project / "records.csv").stat().st_mtime + 10
+    os.utime(project / "records.csv", (stamp, stamp))
+    res = cli(project, "rerun", "latest")
+    assert res.returncode == 0 and "Workflow restarted (reusing: nothing)" in res.stdout
+    assert latest_run(project)["attempt"] == before["attempt"] + 1
