@@ -139,6 +139,9 @@ class WorkflowMagics(Magics):
         except SystemExit as err:  # argparse's own exit on a bad option
             raise UsageError(f"%%workflow: bad options: {line!r}") from err
         params = self._params(args.param)
+        from nbflow.ui.rootcause import phrase_for_python
+
+        phrase_for_python(args.name)  # the hints name the variable the run is bound to
         if cell is None:
             return self._line(args, params)
         if args.command:

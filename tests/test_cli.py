@@ -357,13 +357,14 @@ def test_an_interrupted_run_names_the_command_that_continues_it():
     rc = RootCause(step="slow", error_type="RunInterrupted", message="cancelled", run_id="r-1",
                    resolution_options=(Fix(title="Rerun", kind="rerun", snippet="run.rerun()",
                                            estimate="runs slow", confidence=0.9),))
-    assert "Fix: run.rerun() — runs slow" in rootcause.render_log(rc)
-    rootcause.phrase_for_shell("nbflow rerun --store 'my runs'")
     try:
+        rootcause.phrase_for_python("run")
+        assert "Fix: run.rerun() — runs slow" in rootcause.render_log(rc)
+        rootcause.phrase_for_shell("nbflow rerun --store 'my runs'")
         assert "Fix: nbflow rerun --store 'my runs' r-1 — runs slow" in rootcause.render_log(rc)
         assert "       nbflow rerun --store 'my runs' r-1" in rootcause.render_text(rc)
     finally:
-        rootcause.phrase_for_shell(None)
+        rootcause.phrase_for_python("run")
 
 
 def test_rerunning_a_completed_run_that_is_up_to_date_runs_and_records_nothing(project):

@@ -128,13 +128,15 @@ def test_line_magics_runs_show_rerun(ip, capsys):
 
 
 
-def test_line_magic_rerun_applies_a_fix_by_its_number(ip):
+def test_line_magic_rerun_applies_a_fix_by_its_number(ip, capsys):
     # keep's threshold given as text: the diagnosis offers the number in the workflow
     ip.run_cell("def keep_above(df, threshold=0):\n    return df[df.amount > threshold]\n")
     ip.run_cell("%%workflow --fresh --no-raise\n" + WF.replace('threshold: "{threshold}"', "threshold: '50'"))
     failed = ip.user_ns["workflow_run"]
     assert failed.status == "failed"
     number = next(i for i, fix in enumerate(failed.fixes, 1) if fix.workflow is not None)
+    # the log's hint names the variable the run is bound to
+    assert f"Apply it: workflow_run.rerun(workflow_run.apply_fix({number - 1}))" in capsys.readouterr().out
     with pytest.raises(UsageError, match="there is no fix 99"):
         ip.run_line_magic("workflow", f"rerun {failed.run_id} --fix 99")
     rerun = ip.run_line_magic("workflow", f"rerun {failed.run_id} --fix {number}")

@@ -17,6 +17,8 @@ MEMORY_ERRORS = ("MemoryBudgetExceeded", "MemoryError")
 #: how the hints say "rerun": None for Python calls (notebooks, scripts, papermill); the CLI
 #: sets its command (``nbflow rerun``, with ``--store`` when it is not the default)
 _rerun_command: str | None = None
+#: the run handle's name in Python hints: ``%%workflow`` binds ``workflow_run`` (or ``--name``)
+_handle = "run"
 
 
 def phrase_for_shell(command: str | None = "nbflow rerun") -> None:
@@ -25,15 +27,21 @@ def phrase_for_shell(command: str | None = "nbflow rerun") -> None:
     _rerun_command = command
 
 
+def phrase_for_python(handle: str = "run") -> None:
+    """Make the hints Python calls on the variable ``handle`` (``workflow_run.rerun()``)."""
+    global _rerun_command, _handle
+    _rerun_command, _handle = None, handle
+
+
 def rerun_hint(rc) -> str:
-    return f"{_rerun_command} {rc.run_id or 'latest'}" if _rerun_command else "run.rerun()"
+    return f"{_rerun_command} {rc.run_id or 'latest'}" if _rerun_command else f"{_handle}.rerun()"
 
 
 def apply_hint(rc, n: int = 1) -> str:
     """How to rerun with fix ``n`` (numbered from 1, as the text lists them) applied."""
     if _rerun_command:
         return f"{_rerun_command} {rc.run_id or 'latest'} --fix {n}"
-    return f"run.rerun(run.apply_fix({n - 1}))"
+    return f"{_handle}.rerun({_handle}.apply_fix({n - 1}))"
 
 
 def _snippet(rc, fix) -> str:
@@ -195,7 +203,7 @@ def render_html(rc) -> str:
     if rc.resolution_options:
         items = []
         for fix in rc.resolution_options:
-            snippet = f"<pre>{_e(fix.snippet)}</pre>" if fix.snippet else ""
+            snippet = f"<pre>{_e(_snippet(rc, fix))}</pre>" if fix.snippet else ""
             items.append(f"<li class='nbflow-fix'><b>{_e(fix.title)}</b> "
                          f"<span class='nbflow-why'>({fix.confidence:.0%})</span>{snippet}"
                          f"<div class='nbflow-why'>{_e(fix.estimate)}</div></li>")
