@@ -256,8 +256,9 @@ def cmd_show(args) -> int:
     handle = open_run(args.run_id, store=args.store)
     if args.json:
         print(json.dumps(handle.run_dir.read_run(), indent=1))
-    elif args.workflow:
-        print(handle.spec.text, end="" if handle.spec.text.endswith("\n") else "\n")
+    elif args.workflow:  # (a %%workflow cell's text starts with a newline: its line numbers are the cell's)
+        text = handle.spec.text.removeprefix("\n") if handle.spec.filename == "%%workflow cell" else handle.spec.text
+        print(text, end="" if text.endswith("\n") else "\n")
     else:
         print(handle.summary())
     if args.plot:
