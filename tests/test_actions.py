@@ -359,6 +359,7 @@ def tree(folder: Path) -> dict[str, bytes]:
     ("..", "is a folder above the working directory"),
     ("mine", "is a folder holding files that are not Parquet parts (notes.txt, sub/data.csv)"),
     ("mine/notes.txt", "is a file that is not Parquet"),
+    ("mine/pipe", "is not a regular file or folder (a device, a pipe or a broken link)"),
 ])
 def test_load_never_replaces_what_is_not_an_earlier_output(tmp_path, path, says):
     # the commit swaps the whole destination for the new data: a wrong path must lose nothing
@@ -367,16 +368,18 @@ def test_load_never_replaces_what_is_not_an_earlier_output(tmp_path, path, says)
     (work / "mine" / "notes.txt").write_text("my notes\n")
     (work / "mine" / "sub" / "data.csv").write_text("id\n1\n")
     (work / "mine" / "p.parquet").write_bytes(b"PAR1")
+    os.mkfifo(work / "mine" / "pipe")  # like /dev/null: replaced by a rename, it would be gone
     before = tree(tmp_path)
     step = StepContext(step=StepSpec("save", "data.load"), inputs={"up": source()}, chunk_size=100,
                        streaming=True, workdir=work)
-    fmt = {"format": "parquet"}
+    fmt = "csv" if path.endswith("pipe") else "parquet"
     with pytest.raises(StepError, match=f"{re.escape(says)}.*nothing was written — choose another path "
-                                        r"\(e.g. path: out/save.parquet\)"):
-        resolve("data.load").func(step, path, **fmt)
-    with pytest.raises(StepError, match="nothing was written"):  # the pass's writer checks the same
-        resolve("data.load").chunk_sink(path=path, **fmt)(step)
-    assert tree(tmp_path) == before
+                                        rf"\(e.g. path: out/save.{fmt}\)"):
+        resolve("data.load").func(step, path, format=fmt)
+    if fmt == "parquet":
+        with pytest.raises(StepError, match="nothing was written"):  # the pass's writer checks the same
+            resolve("data.load").chunk_sink(path=path, format=fmt)(step)
+    assert tree(tmp_path) == before and (work / "mine" / "pipe").is_fifo()
 
 
 def test_load_replaces_a_dataset_another_tool_wrote(tmp_path):

@@ -751,3 +751,15 @@ def test_a_schema_is_checked_when_the_workflow_is_planned():
         (9, "step 'listed': data.validate: schema must map column names to dtypes",
          "e.g. schema: {id: int64, amount: {dtype: float64, nullable: true}}"),
     ]
+
+
+def test_a_read_option_spelt_another_way_is_pointed_at_pandas_name():
+    from nbflow.plan import make_plan
+
+    spec = parse("name: wf\nsteps:\n  - name: read\n    action: data.extract\n"
+                 "    params: {path: x.csv, seperator: ';', dtype: {id: int64}}\n")
+    with pytest.raises(SpecError) as info:
+        make_plan(spec)
+    [problem] = info.value.problems
+    assert (problem.line, problem.message, problem.hint) == (
+        5, "step 'read': data.extract has no parameter 'seperator'", "did you mean 'sep'?")

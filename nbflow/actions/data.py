@@ -302,6 +302,8 @@ def _check_dest(ctx: StepContext, dest: Path, path: str, overwrite: bool, fmt: s
     if where == home or where in home.parents:
         problem = (f"'{path}' is {'the working directory' if where == home else 'a folder above the working directory'}"
                    f" ({where}): writing there would replace everything in it")
+    elif not (dest.is_dir() or dest.is_file()):
+        problem = f"'{path}' is not a regular file or folder (a device, a pipe or a broken link)"
     elif dest.is_dir() and fmt == "csv":
         problem = f"'{path}' is a folder, and a CSV output is one file"
     elif dest.is_dir():

@@ -19,6 +19,9 @@ _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONL
 #: what a hint suggests for a built-in's parameter
 EXAMPLES = {("data.extract", "path"): "data/records.csv", ("data.load", "path"): "out/clean.parquet",
             ("data.validate", "schema"): "{id: int64, amount: float64}"}
+#: names people write for an option that pandas or Arrow spells otherwise
+SYNONYMS = {"separator": "sep", "seperator": "sep", "delim": "delimiter", "encode": "encoding",
+            "header_row": "header", "compress": "compression"}
 #: built-ins whose ``path`` names a file or folder: it must be text, and not empty
 PATHS = ("data.extract", "data.load")
 
@@ -56,7 +59,7 @@ def param_problems(step, action: Action, params: Mapping[str, Any]) -> list[Prob
                          if named else "it takes no parameters")
                 problems.append(Problem(f"{label} has no parameter '{key}'",
                                         line=step.lines.get(f"params.{key}", at_params),
-                                        hint=did_you_mean(close_matches(key, named)) or takes))
+                                        hint=did_you_mean(_meant(key, named)) or takes))
     if not problems and action.param_check is not None:
         problems += [Problem(f"{label}: {message}", line=step.lines.get(f"params.{key}", at_params), hint=hint)
                      for key, message, hint in action.param_check(params)]
@@ -67,3 +70,8 @@ def param_problems(step, action: Action, params: Mapping[str, Any]) -> list[Prob
                                 line=step.lines.get("params.path", at_params),
                                 hint=f"e.g. path: {EXAMPLES[(action.name, 'path')]}"))
     return problems
+
+
+def _meant(key: str, named: list[str]) -> list[str]:
+    synonym = SYNONYMS.get(key.lower())
+    return [synonym] if synonym in named else close_matches(key, named)
