@@ -27,6 +27,7 @@ from nbflow.yamlnodes import (
     kind_of,
     position,
     position_in,
+    safe_name,
     syntax_error,
 )
 
@@ -100,8 +101,7 @@ def load(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError([Problem(f"no such file '{path}'", hint="check the path")],
-                        filename=str(path)) from None
+        raise SpecError([Problem(f"no such file '{path}'", hint="check the path")], filename=str(path)) from None
     return parse(text, filename=path.name, overrides=overrides, namespace=namespace,
                  action_check=action_check)
 
@@ -356,7 +356,7 @@ class _Reader:
             self.problem(f"{label}: name must be text, not {kind_of(name)}", fields["name"][1],
                          f'quote it: name: "{name}"')
         elif not SAFE_NAME.fullmatch(name):
-            safe = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "step"
+            safe = safe_name(name)
             self.problem(f"step name '{name}' can't name its checkpoint folder", fields["name"][1],
                          f"use only letters, digits, '-' and '_', e.g. '{safe}'")
         if "action" not in fields:

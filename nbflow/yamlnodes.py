@@ -8,6 +8,8 @@ message: "did you mean ...", "the number 0", "a list".
 from __future__ import annotations
 
 import difflib
+import re
+import unicodedata
 from typing import Any
 
 import yaml
@@ -82,6 +84,12 @@ def is_null(node: yaml.Node) -> bool:
 
 def close_matches(word: Any, choices: Any) -> list[str]:
     return difflib.get_close_matches(str(word), [str(c) for c in choices], n=3, cutoff=0.6)
+
+
+def safe_name(name: str) -> str:
+    """``name`` as a step name may be written (letters, digits, '-', '_'): 'Étape 1' -> 'Etape-1'."""
+    ascii_only = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", ascii_only).strip("-") or "step"
 
 
 def did_you_mean(close: list[str]) -> str:

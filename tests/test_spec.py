@@ -459,7 +459,8 @@ def test_missing_step_name_and_action():
 
 
 @pytest.mark.parametrize(("name", "safe"), [
-    ("load data", "load-data"), ("a/b", "a-b"), ("../x", "x"), ("ünïcode", "n-code"), ("", "step"), ("a.b", "a-b")])
+    ("load data", "load-data"), ("a/b", "a-b"), ("../x", "x"), ("ünïcode", "unicode"), ("Étape 1", "Etape-1"),
+    ("数据", "step"), ("", "step"), ("a.b", "a-b")])
 def test_step_names_must_be_safe_folder_names(name, safe):
     problem = one_problem(f"name: wf\nsteps:\n  - name: {json.dumps(name)}\n    action: act\n")
     assert (problem.line, problem.column) == (3, 11)
