@@ -17,7 +17,7 @@ from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any, Mapping
 
-from nbflow.actions.params import param_problems
+from nbflow.actions.params import output_clashes, param_problems
 from nbflow.actions.registry import Action, resolve
 from nbflow.errors import Problem, SpecError
 from nbflow.spec import StepSpec, WorkflowSpec
@@ -172,8 +172,9 @@ def make_plan(spec: WorkflowSpec, *, namespace: Mapping[str, Any] | None = None,
         planned[name] = PlannedStep(step, action, params, key, bool(streaming),
                                     step.chunk_size or DEFAULT_CHUNK_SIZE, reuse, checkpoint,
                                     records_out)
+    problems += output_clashes([spec.step(name) for name in order], workdir)
     if problems:
-        raise SpecError(problems, spec.filename)
+        raise SpecError(sorted(problems, key=lambda p: p.line or 0), spec.filename)
     # a step runs if any input runs: its input's output is about to change
     for name in order:
         p = planned[name]

@@ -764,3 +764,21 @@ def test_a_read_option_spelt_another_way_is_pointed_at_pandas_name():
     [problem] = info.value.problems
     assert (problem.line, problem.message, problem.hint) == (
         5, "step 'read': data.extract has no parameter 'seperator'", "did you mean 'sep'?")
+
+
+def test_two_loads_writing_one_path_are_refused(tmp_path):
+    from nbflow.plan import make_plan
+
+    spec = parse(textwrap.dedent("""\
+        name: wf
+        steps:
+          - {name: read, action: data.extract, params: {path: x.csv}}
+          - {name: save, action: data.load, needs: read, params: {path: out/x.parquet}}
+          - {name: again, action: data.load, needs: read, params: {path: ./out/../out/x.parquet}}
+          - {name: other, action: data.load, needs: read, params: {path: out/y.parquet}}
+        """))
+    with pytest.raises(SpecError) as info:
+        make_plan(spec, workdir=tmp_path)
+    [problem] = info.value.problems
+    assert (problem.line, problem.message) == (5, "steps 'save' and 'again' both write './out/../out/x.parquet'")
+    assert problem.hint.endswith("give 'again' its own path, e.g. path: out/again.parquet")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from nbflow.actions.registry import Action
@@ -75,3 +76,22 @@ def param_problems(step, action: Action, params: Mapping[str, Any]) -> list[Prob
 def _meant(key: str, named: list[str]) -> list[str]:
     synonym = SYNONYMS.get(key.lower())
     return [synonym] if synonym in named else close_matches(key, named)
+
+
+def output_clashes(steps, workdir) -> list[Problem]:
+    """Two data.load steps writing the same path: the second would replace the first's output."""
+    first: dict[Path, str] = {}
+    found = []
+    for step in steps:
+        path = step.params.get("path")
+        if step.action != "data.load" or not isinstance(path, str) or not path.strip():
+            continue
+        where = Path(workdir, path).expanduser().resolve()
+        if where in first:
+            found.append(Problem(f"steps '{first[where]}' and '{step.name}' both write '{path}'",
+                                 line=step.lines.get("params.path", step.line),
+                                 hint=f"the second would replace the first's output; give '{step.name}' "
+                                      f"its own path, e.g. path: out/{step.name}.parquet"))
+        else:
+            first[where] = step.name
+    return found
