@@ -158,6 +158,16 @@ def test_extract_missing_folder_and_empty_glob(tmp_path):
         resolve("data.extract").func(ctx(tmp_path), "data/*.parquet")
 
 
+
+def test_extract_names_an_empty_file_and_reads_a_header_only_one(tmp_path):
+    (tmp_path / "data").mkdir()
+    records(10).to_csv(tmp_path / "data" / "a.csv", index=False)
+    (tmp_path / "data" / "b.csv").write_text("")  # an export still being written
+    with pytest.raises(StepError, match=r"data/b.csv is empty \(0 bytes\): no header to read the columns"):
+        resolve("data.extract").func(ctx(tmp_path), "data/*.csv")
+    (tmp_path / "data" / "b.csv").write_text("id,user,amount,note\n")
+    assert len(resolve("data.extract").func(ctx(tmp_path), "data/*.csv").compute()) == 10
+
 def test_extract_unknown_suffix_asks_for_format(tmp_path):
     (tmp_path / "records.dat").write_text("id\n1\n")
     with pytest.raises(StepError, match="add format"):

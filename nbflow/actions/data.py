@@ -50,6 +50,12 @@ def extract(ctx: StepContext, path: str, format: str | None = None,
 
     files = _resolve(ctx, path)
     fmt = _input_format(path, files, format)
+    empty = [f for f in files if f.is_file() and f.stat().st_size == 0]
+    if empty and fmt != "parquet":
+        names = ", ".join(_display(f, ctx.workdir) for f in empty[:3]) + (", ..." if len(empty) > 3 else "")
+        raise StepError(f"data.extract: {names} {'is' if len(empty) == 1 else 'are'} empty (0 bytes): no "
+                        "header to read the columns from — leave it out of the input, or check that "
+                        "whatever writes it finished", {"path": str(path), "empty": [str(f) for f in empty]})
     if fmt == "tsv":
         read_kwargs.setdefault("sep", "\t")
     if fmt == "parquet":
