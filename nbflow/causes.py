@@ -185,7 +185,7 @@ def _available() -> int:
 def factors(ctx: Context, model: MemoryModel | None) -> list[Factor]:
     found: list[Factor] = []
     for rule in (_in_memory, _input_too_large, _chunk_too_large, _allocation, _objects, _copies,
-                 _skew, _more_records, _schema, _missing_input, _dtype_drift, _missing_column,
+                 _skew, _more_records, _schema, _missing_input, _dtype_drift, _ragged_line, _missing_column,
                  _parameter_type, _retries):
         result = _quietly(lambda rule=rule: rule(ctx, model), None)
         if isinstance(result, Factor):
@@ -354,6 +354,16 @@ def _dtype_drift(ctx: Context, model) -> Factor | None:
                   f"column '{column}' was read as {ctx.details['expected']} from the first rows of "
                   f"{ctx.details.get('path')}; from byte {offset:,} on it has {ctx.details.get('found')}",
                   {k: ctx.details.get(k) for k in ("column", "expected", "found", "offset", "path")})
+
+
+def _ragged_line(ctx: Context, model) -> Factor | None:
+    """A line of the input with more or fewer fields than its header."""
+    if ctx.step_spec.action != "data.extract" or "line" not in ctx.details or "text" not in ctx.details:
+        return None
+    d = ctx.details
+    return Factor("ragged-line", f"line {d['line']:,} of {d.get('path')} has {d.get('found')} fields where "
+                  f"the header has {d.get('expected')}: {d['text'][:120]!r}",
+                  {k: d.get(k) for k in ("path", "line", "expected", "found", "text")})
 
 
 def _missing_column(ctx: Context, model) -> Factor | None:

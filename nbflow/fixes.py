@@ -22,8 +22,8 @@ _NUMERIC = ("int64", "int32", "int", "float64", "float")
 
 def options(ctx: Context, model: MemoryModel | None) -> list[Fix]:
     found: list[Fix] = []
-    for build in (_memory, _schema, _missing_input, _read_dtype, _missing_column, _parameter_type,
-                  _retries):
+    for build in (_memory, _schema, _missing_input, _read_dtype, _bad_lines, _missing_column,
+                  _parameter_type, _retries):
         try:
             found.extend(build(ctx, model) or [])
         except Exception:  # one broken builder must not cost the others
@@ -259,6 +259,18 @@ def _read_dtype(ctx: Context, model) -> list[Fix]:
                  estimate=(f"every value of '{column}' fits {kind}"
                            + (" (its gaps become NaN)" if kind == "float64" else "")),
                  confidence=0.85)]
+
+
+def _bad_lines(ctx: Context, model) -> list[Fix]:
+    """data.extract met a line with more or fewer fields than the header: pandas can skip such lines."""
+    if ctx.step_spec.action != "data.extract" or (ctx.details.get("fix") or {}).get("on_bad_lines") != "skip":
+        return []
+    path = _step_path(ctx, ctx.step, "params")
+    return [_fix(ctx, [("set_key", path, "on_bad_lines", "skip")] if path else None, kind="parameters",
+                 change={"on_bad_lines": "skip"}, title="Leave out lines with the wrong number of fields",
+                 estimate=(f"line {ctx.details.get('line', 0):,} and any other line whose fields don't match the "
+                           "header are skipped without a word: correcting the file keeps them"),
+                 confidence=0.5)]
 
 
 def _missing_column(ctx: Context, model) -> list[Fix]:

@@ -338,14 +338,19 @@ def test_a_fix_of_a_caller_parameter_is_kept_for_later_reruns(csv_in_workdir):
     again.rerun(again.apply_fix(0) if again.fixes else again.spec, parameters={"input_path": "nope.csv"})
     assert again.status == "failed" and again.root_cause.error_type == "InputNotFound"
 
-def test_a_gap_far_into_a_column_of_whole_numbers_gets_the_dtype_that_reads_it(workdir):
-    # 40,000 whole numbers, then one empty value: past the 256 kB the dtypes are read from
-    rows = ["id,qty"] + [f"{i},{i % 7}" for i in range(40_000)] + ["40000,"]
-    (workdir / "qty.csv").write_text("\n".join(rows) + "\n")
-    run = nbflow.run(_wf(extract(10_000, "qty.csv"), """  - name: t
+
+def load_qty(workdir, rows: list[str], chunk: int):
+    """``qty.csv`` (id,qty and ``rows``) extracted in chunks of ``chunk`` and loaded to Parquet."""
+    (workdir / "qty.csv").write_text("\n".join(["id,qty", *rows]) + "\n")
+    return nbflow.run(_wf(extract(chunk, "qty.csv"), """  - name: t
     action: data.load
     needs: extract
     params: {path: out.parquet}"""), log=False)
+
+
+def test_a_gap_far_into_a_column_of_whole_numbers_gets_the_dtype_that_reads_it(workdir):
+    # 40,000 whole numbers, then one empty value: past the 256 kB the dtypes are read from
+    run = load_qty(workdir, [f"{i},{i % 7}" for i in range(40_000)] + ["40000,"], chunk=10_000)
     rc = run.root_cause
     assert (rc.step, rc.error_type) == ("extract", "StepError")
     drift = rules(rc)["dtype-drift"].evidence
@@ -357,6 +362,22 @@ def test_a_gap_far_into_a_column_of_whole_numbers_gets_the_dtype_that_reads_it(w
     assert run.status == "completed" and run.records["t"].records_out == 40_001
     assert pd.read_parquet(workdir / "out.parquet")["qty"].isna().sum() == 1
 
+
+@pytest.mark.parametrize("bad", [30_000, 38_000])  # in the 256 kB the dtypes are read from (Dask
+# reads the file), or after it (nbflow's blocks): pandas counts lines from a block's start either way
+def test_a_line_with_too_many_fields_is_named_by_its_line_in_the_file(workdir, bad):
+    rows = [f"{i},{i % 7}" for i in range(40_000)]
+    rows[bad] = f"{bad},3,extra,fields"
+    run = load_qty(workdir, rows, chunk=5_000)
+    rc = run.root_cause
+    assert rc.message.startswith(f"data.extract: line {bad + 2:,} of qty.csv has 4 fields where the header "
+                                 f"has 2: '{bad},3,extra,fields'")
+    ragged = rules(rc)["ragged-line"].evidence
+    assert (ragged["line"], ragged["expected"], ragged["found"]) == (bad + 2, 2, 4)
+    top = rc.resolution_options[0]
+    assert top.change == {"on_bad_lines": "skip"}
+    run.rerun(run.apply_fix(0))
+    assert run.status == "completed" and run.records["t"].records_out == 39_999
 
 def scale(df, factor):
     return df.assign(amount=df["amount"] * factor)

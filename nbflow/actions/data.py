@@ -33,7 +33,8 @@ _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 # -- data.extract -------------------------------------------------------------------------
 
-@action("data.extract", kind="step", chunkwise=True, options=lambda params: _extract_options(params))
+@action("data.extract", kind="step", chunkwise=True, options=lambda params: _extract_options(params),
+        explain=lambda error, params, workdir: _explain_extract(error, params, workdir))
 def extract(ctx: StepContext, path: str, format: str | None = None,
             columns: list[str] | None = None, **read_kwargs) -> Any:
     """Read CSV/TSV, Parquet or JSON Lines (a file, a directory or a glob) in chunks.
@@ -183,6 +184,24 @@ def _extract_options(params: Mapping[str, Any]) -> list[str] | None:
     if fmt == "jsonl":
         return _named_options(pd.read_json, "path_or_buf", "lines")
     return [] if fmt == "parquet" else None
+
+
+def _explain_extract(error: BaseException, params: Mapping[str, Any], workdir: Path) -> StepError | None:
+    """A CSV line with more fields than the header, read by pandas through Dask: pandas counted its
+    line from the start of Dask's block; find it in the file and name it."""
+    if not (isinstance(error, pd.errors.ParserError) and "fields in line" in str(error)):
+        return None
+    path = params.get("path")
+    files = _resolve(StepContext(step=None, inputs={}, chunk_size=1, streaming=True, workdir=Path(workdir)),
+                     path)
+    sep = params.get("sep") or params.get("delimiter") or ("\t" if _input_format(path, files, params.get(
+        "format")) == "tsv" else ",")
+    for file in files:
+        if file.is_file() and not file.name.lower().endswith(_COMPRESSED):
+            found = csvread.first_ragged_line(file, sep)
+            if found is not None:
+                return found
+    return None
 
 
 def _parquet_files(paths: list[Path]) -> list[Path]:

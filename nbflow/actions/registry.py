@@ -63,6 +63,10 @@ class Action:
     #: (data.validate's schema), checked when the workflow is planned
     param_check: Callable[[Mapping[str, Any]], list[tuple[str, str, str]]] | None = field(
         default=None, compare=False)
+    #: ``f(error, params, workdir) -> clearer error | None``: said in the action's own terms
+    #: (data.extract names the line of the file a parser error in a Dask task counted from its block)
+    explain: Callable[[BaseException, Mapping[str, Any], Path], BaseException | None] | None = field(
+        default=None, compare=False)
 
     def fingerprint(self) -> str:
         """A hash of the action's code: its source text where Python can find it.
@@ -136,7 +140,8 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
            chunkwise: bool = False, chunk_check: Callable[..., tuple[Callable, Callable]] | None = None,
            chunk_sink: Callable[..., Callable | None] | None = None,
            options: Callable[[Mapping[str, Any]], list[str] | None] | None = None,
-           param_check: Callable[[Mapping[str, Any]], list[tuple[str, str, str]]] | None = None):
+           param_check: Callable[[Mapping[str, Any]], list[tuple[str, str, str]]] | None = None,
+           explain: Callable[[BaseException, Mapping[str, Any], Path], BaseException | None] | None = None):
     """Register a function as a workflow action.
 
     >>> @action("demo.double")
@@ -151,7 +156,7 @@ def action(name: str | None = None, *, kind: str = "chunk", streaming: bool = Tr
     def register(func: Callable) -> Callable:
         key = name or func.__name__
         _REGISTRY[key] = Action(key, func, kind, streaming, (func.__doc__ or "").strip(), input_format,
-                                chunkwise, chunk_check, chunk_sink, options, param_check)
+                                chunkwise, chunk_check, chunk_sink, options, param_check, explain)
         func.__nbflow_action__ = _REGISTRY[key]
         return func
 

@@ -24,7 +24,7 @@ from nbflow.engine import chunks, fusion
 from nbflow.engine.allocator import release_memory
 from nbflow.engine.guard import reset_async_signal
 from nbflow.engine.limits import auto_chunk_size
-from nbflow.engine.outcome import Progress, StepFailed, failure_event, jsonable
+from nbflow.engine.outcome import Progress, StepFailed, explained, failure_event, jsonable
 from nbflow.errors import RunInterrupted
 from nbflow.parts import checkpoint_format
 from nbflow.plan import Plan, PlannedStep
@@ -180,8 +180,8 @@ class Executor(fusion.Passes):
                                                duration=time.time() - started))
                     raise RunInterrupted(self.run_id) from exc
                 will_retry = attempt < attempts
-                self.emit(failure_event(self.run_id, p.name, exc, started, attempt, will_retry,
-                                         progress.records, memory))
+                self.emit(failure_event(self.run_id, p.name, explained(p, exc, self.workdir), started,
+                                         attempt, will_retry, progress.records, memory))
                 del exc  # its traceback holds the failed chunk's frames: let them go
                 if guard is not None:
                     release_memory()

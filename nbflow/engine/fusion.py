@@ -48,7 +48,7 @@ from nbflow.actions.sinks import AtomicWriter, checkpoint_writer
 from nbflow.engine import chunks
 from nbflow.engine.allocator import release_memory
 from nbflow.engine.guard import reset_async_signal
-from nbflow.engine.outcome import Progress, StepFailed, failure_event
+from nbflow.engine.outcome import Progress, StepFailed, explained, failure_event
 from nbflow.engine.passgraph import Lean, Member, Partial, build, build_lean, lean_step
 from nbflow.errors import RunInterrupted
 from nbflow.plan import Plan, PlannedStep
@@ -210,8 +210,8 @@ class Passes:
             # the user's function twice on a chunk, and a flaky one could pass unnoticed)
             m = members[culprit]
             memory = self._release(guards[m.step.name])
-            self.emit(failure_event(self.run_id, m.step.name, error, started, 1, False,
-                                     progress[m.step.name].records, memory))
+            self.emit(failure_event(self.run_id, m.step.name, explained(m.step, error, self.workdir), started,
+                                     1, False, progress[m.step.name].records, memory))
             del error
             self._abort_pass(members[culprit:], guards)
             release_memory()
@@ -230,7 +230,8 @@ class Passes:
             m.frames.clear()
             info = self._commit(p, m.effect, m.result, dict(m.effect.finish(results) or {}), progress)
         except Exception as exc:  # noqa: BLE001 — e.g. a check that fails on all chunks together
-            self.emit(failure_event(self.run_id, p.name, exc, started, 1, False, progress.records, memory))
+            self.emit(failure_event(self.run_id, p.name, explained(p, exc, self.workdir), started, 1, False,
+                                     progress.records, memory))
             self._abort_pass(members[i + 1:], guards)
             raise StepFailed(p.name) from None
         info["memory"] = memory

@@ -33,6 +33,20 @@ class Progress:
             self.records += records
 
 
+def explained(planned, exc: BaseException, workdir) -> BaseException:
+    """``exc`` as the step's action explains it (its clearer error, caused by ``exc``), else itself."""
+    explain = getattr(planned.action, "explain", None)
+    try:
+        better = explain(exc, planned.params, workdir) if explain is not None else None
+    except Exception:  # noqa: BLE001 — an explanation is a nicety; the error stands as raised
+        log.debug("could not explain %r", exc, exc_info=True)
+        better = None
+    if better is None:
+        return exc
+    better.__cause__ = exc
+    return better
+
+
 def failure_event(run_id: str, step: str, exc: BaseException, started: float, attempt: int,
                    will_retry: bool, records_done: int, memory: dict) -> ev.StepFailed:
     frame = user_frame(exc)
@@ -60,4 +74,4 @@ def jsonable(data: dict) -> dict:
     return json.loads(json.dumps(data, default=str))
 
 
-__all__ = ["Progress", "StepFailed", "failure_event", "jsonable"]
+__all__ = ["Progress", "StepFailed", "explained", "failure_event", "jsonable"]
