@@ -358,7 +358,7 @@ def _dtype_drift(ctx: Context, model) -> Factor | None:
 
 def _ragged_line(ctx: Context, model) -> Factor | None:
     """A line of the input with more or fewer fields than its header."""
-    if ctx.step_spec.action != "data.extract" or "line" not in ctx.details or "text" not in ctx.details:
+    if ctx.step_spec.action != "data.extract" or not {"line", "text", "expected"} <= set(ctx.details):
         return None
     d = ctx.details
     return Factor("ragged-line", f"line {d['line']:,} of {d.get('path')} has {d.get('found')} fields where "

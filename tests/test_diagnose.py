@@ -379,6 +379,17 @@ def test_a_line_with_too_many_fields_is_named_by_its_line_in_the_file(workdir, b
     run.rerun(run.apply_fix(0))
     assert run.status == "completed" and run.records["t"].records_out == 39_999
 
+
+def test_a_broken_json_line_is_named_by_its_line_in_the_file(workdir):
+    lines = [json.dumps({"id": i, "qty": i % 7}) for i in range(30_000)]
+    lines[21_000] = '{"id": 21000, "qty": '  # cut short
+    (workdir / "qty.jsonl").write_text("\n".join(lines) + "\n")
+    run = nbflow.run(_wf(extract(5_000, "qty.jsonl")), log=False)
+    assert run.root_cause.message == (
+        "data.extract: line 21,001 of qty.jsonl is not valid JSON (Expecting value, column 22): "
+        "'{\"id\": 21000, \"qty\": ' — correct that line: each line of a JSON Lines file is one whole "
+        "JSON object")
+
 def scale(df, factor):
     return df.assign(amount=df["amount"] * factor)
 

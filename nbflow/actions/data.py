@@ -189,18 +189,38 @@ def _extract_options(params: Mapping[str, Any]) -> list[str] | None:
 def _explain_extract(error: BaseException, params: Mapping[str, Any], workdir: Path) -> StepError | None:
     """A CSV line with more fields than the header, read by pandas through Dask: pandas counted its
     line from the start of Dask's block; find it in the file and name it."""
-    if not (isinstance(error, pd.errors.ParserError) and "fields in line" in str(error)):
+    ragged = isinstance(error, pd.errors.ParserError) and "fields in line" in str(error)
+    if not (ragged or isinstance(error, ValueError)):
         return None
     path = params.get("path")
     files = _resolve(StepContext(step=None, inputs={}, chunk_size=1, streaming=True, workdir=Path(workdir)),
                      path)
-    sep = params.get("sep") or params.get("delimiter") or ("\t" if _input_format(path, files, params.get(
-        "format")) == "tsv" else ",")
+    fmt = _input_format(path, files, params.get("format"))
+    if not ragged and fmt != "jsonl":  # (JSON Lines: pandas gives a position in Dask's block)
+        return None
+    sep = params.get("sep") or params.get("delimiter") or ("\t" if fmt == "tsv" else ",")
     for file in files:
         if file.is_file() and not file.name.lower().endswith(_COMPRESSED):
-            found = csvread.first_ragged_line(file, sep)
+            found = csvread.first_ragged_line(file, sep) if ragged else _first_bad_json_line(file)
             if found is not None:
                 return found
+    return None
+
+
+def _first_bad_json_line(path: Path) -> StepError | None:
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            text = line.rstrip("\r\n")
+            try:
+                if text.strip():
+                    json.loads(text)
+            except json.JSONDecodeError as err:
+                return StepError(
+                    f"data.extract: line {number:,} of {path.name} is not valid JSON ({err.msg}, column "
+                    f"{err.colno}): {text[:120]!r} — correct that line: each line of a JSON Lines file "
+                    "is one whole JSON object", {"path": str(path), "line": number, "text": text[:200]})
     return None
 
 
