@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nbflow.actions import Effect, StepContext, registered, resolve
-from nbflow.actions.sinks import parquet_sink, recover
+from nbflow.actions.sinks import AtomicWriter, parquet_sink, recover
 from nbflow.errors import InputNotFound, SchemaError, StepError
 from nbflow.spec import StepSpec
 
@@ -402,6 +402,30 @@ def test_load_replaces_a_dataset_another_tool_wrote(tmp_path):
     assert sorted(p.name for p in spark.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     with pytest.raises(StepError, match="'out' is a folder, and a CSV output is one file"):
         resolve("data.load").func(ctx(tmp_path, data=source(500)), "out", format="csv")
+
+
+@pytest.mark.parametrize("second, says", [
+    (pd.DataFrame({"id": [3]}), "chunk 1 has no 'amount' (chunk 0 has id, amount)"),
+    (pd.DataFrame({"id": [3], "amount": ["x"]}), "column 'amount' is double in chunk 0 but string in chunk 1"),
+    (pd.DataFrame({"id": [3.5], "amount": [1.0]}), "column 'id' is int64 in chunk 0 but double in chunk 1 "
+                                                   "(whole numbers turn into floats"),
+])
+def test_chunks_with_other_columns_or_types_fail_the_commit(tmp_path, second, says):
+    # read back as one dataset they would take chunk 0's schema, silently (nulls, casts)
+    writer = AtomicWriter(tmp_path / "out", "arrow", {})
+    writer.part(pd.DataFrame({"id": [1, 2], "amount": [1.5, 2.5]}), 0)
+    writer.part(second, 1)
+    with pytest.raises(StepError, match=re.escape(says)):
+        writer.commit()
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_chunk_whose_column_is_all_missing_still_fits(tmp_path):
+    writer = AtomicWriter(tmp_path / "out", "parquet", {"compression": "snappy"})
+    writer.part(pd.DataFrame({"id": [1, 2], "note": pd.array(["a", "b"], dtype="string[pyarrow]")}), 0)
+    writer.part(pd.DataFrame({"id": [3], "note": [None]}), 1)  # Arrow's null type
+    writer.commit()
+    assert pd.read_parquet(tmp_path / "out")["note"].isna().sum() == 1
 
 # A writer killed outright (SIGKILL: no finally, no abort) in a real process, at two places
 KILLED_WRITER = """

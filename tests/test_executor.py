@@ -1,6 +1,7 @@
 """The engine, run for real on small files: order, concurrency, retries, failures, cancellation."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -268,3 +269,25 @@ def test_local_cluster_backend(csv_in_workdir):
     out = pd.read_parquet(csv_in_workdir / "out/positive.parquet")
     assert len(out) == int((src.amount > 0).sum())
     assert handle.records["extract"].chunks_done == handle.records["extract"].chunks_total >= 4
+
+
+@pytest.mark.parametrize("fuse", ["1", "0"])
+def test_a_function_whose_chunks_differ_in_types_fails_its_step(csv_in_workdir, monkeypatch, fuse):
+    monkeypatch.setenv("NBFLOW_FUSE", fuse)  # in one pass with the load, and alone
+
+    def text_later(df):
+        return df.assign(amount=df["amount"].astype(str)) if df["id"].iloc[0] > 500 else df
+
+    handle = nbflow.run(_wf(EXTRACT, """  - name: t
+    action: text_later
+    needs: extract
+  - name: save
+    action: data.load
+    needs: t
+    params: {path: out.parquet}"""), namespace={"text_later": text_later}, log=False)
+    assert handle.status == "failed" and handle.failed_step == "t"
+    error = handle.records["t"].error
+    assert error["error_type"] == "StepError"
+    assert re.search(r"column 'amount' is double in chunk 0 but string in chunk [1-9]", error["message"])
+    assert handle.records["save"].status is Status.SKIPPED
+    assert not (csv_in_workdir / "out.parquet").exists()

@@ -23,7 +23,16 @@ import pandas as pd
 from nbflow.actions.registry import Effect
 from nbflow.errors import StepError
 from nbflow.owner import gone, owner
-from nbflow.parts import checkpoint_format, format_of, part_name, part_rows, read_part, to_arrow, write_part
+from nbflow.parts import (
+    checkpoint_format,
+    format_of,
+    part_name,
+    part_rows,
+    part_schema,
+    read_part,
+    to_arrow,
+    write_part,
+)
 
 WRITE_META = pd.DataFrame({"chunk": pd.Series(dtype="int64"), "records": pd.Series(dtype="int64"),
                             "bytes": pd.Series(dtype="int64")})
@@ -145,6 +154,10 @@ class AtomicWriter:
             self.abort()
             raise StepError(f"data.load: '{self.dest}' appeared while the step ran and overwrite "
                             "is false; it was left unchanged", {"path": str(self.dest)})
+        if self.fmt != "csv" and (problem := schema_mismatch(parts)):
+            self.abort()
+            raise StepError(f"its chunks came out with different columns or types: {problem} — a step "
+                            "must give every chunk the same columns, with the same types", {"path": str(self.dest)})
         records = int(results["records"].sum()) if results is not None else None
         if self.fmt != "csv":
             size = sum(p.stat().st_size for p in parts)
@@ -203,6 +216,40 @@ class AtomicWriter:
         if self._result is None:
             _remove(self.tmp)
             self.tmp.with_name(self.tmp.name + ".csv").unlink(missing_ok=True)
+
+
+def schema_mismatch(parts: list[Path]) -> str | None:
+    """How a part's columns or types differ from the first part's, in words; None if none does.
+
+    A column of nulls only (Arrow's ``null`` type: a chunk where it was all missing) fits any
+    type, and ``large_string`` is ``string``. Read as one dataset, parts that differ come back
+    with the first part's schema, silently: missing columns as nulls, text cast to numbers.
+    """
+    import pyarrow as pa
+
+    def kinds(path: Path) -> dict[str, pa.DataType]:
+        fields = part_schema(path)
+        return {f.name: pa.string() if f.type == pa.large_string() else f.type for f in fields}
+
+    if len(parts) < 2:
+        return None
+    first = kinds(parts[0])
+    for part in parts[1:]:
+        other = kinds(part)
+        chunk = int(part.name.split("-")[1].split(".")[0])
+        missing, extra = [c for c in first if c not in other], [c for c in other if c not in first]
+        if missing or extra:
+            bits = ([f"no {', '.join(map(repr, missing))}"] if missing else []) + \
+                ([f"{', '.join(map(repr, extra))} more"] if extra else [])
+            return f"chunk {chunk} has {' and '.join(bits)} (chunk 0 has {', '.join(first)})"
+        for name, kind in first.items():
+            if kind != other[name] and pa.null() not in (kind, other[name]):
+                mixed = {pa.types.is_integer(kind), pa.types.is_integer(other[name])} == {True, False}
+                return (f"column '{name}' is {kind} in chunk 0 but {other[name]} in chunk {chunk}"
+                        + (" (whole numbers turn into floats in a chunk with missing values: give the "
+                           f"column one type, e.g. .astype('float64'), or read it with dtype: {{{name}: "
+                           "float64}})" if mixed else ""))
+    return None
 
 
 def recover(dest: str | Path) -> list[Path]:
