@@ -71,6 +71,10 @@ def test_rows_follow_the_records_and_escape_strings(failed):
     assert "FAILED" in dash.header.value and run.run_id in dash.header.value
     assert dash.plot.value[:8] == b"\x89PNG\r\n\x1a\n"
     assert not dash.rerun_button.disabled and dash.cancel_button.disabled
+    # the fix is a change to the user's code: said so, with no button that could not apply it
+    assert dash.fix_buttons == []
+    [code_fix] = dash.fixes_box.children
+    assert "Fix 1</b> (in your code): Fix what raises it at" in code_fix.value
 
 
 def test_rerun_button_reruns_failed_steps_and_shows_reuse(failed):

@@ -198,18 +198,22 @@ class Dashboard:
             return
         self.root_cause.value = report.root_cause_html(state)
         fixes = list(getattr(self.run, "fixes", None) or [])
-        buttons = []
+        rows, self.fix_buttons = [], []
         for i, fix in enumerate(fixes):
             title = fix.get("title") if isinstance(fix, dict) else getattr(fix, "title", str(fix))
+            workflow = fix.get("workflow") if isinstance(fix, dict) else getattr(fix, "workflow", None)
+            if workflow is None:  # a change to the user's code: nothing a button could apply
+                rows.append(w.HTML(f"<span class='nbflow-code-fix'><b>Fix {i + 1}</b> (in your code): "
+                                   f"{report.esc(title)} — change it, then <b>Rerun failed steps</b></span>"))
+                continue
             button = w.Button(description=f"Apply fix {i + 1} & rerun", icon="wrench",
-                              button_style="success" if i == 0 else "",
+                              button_style="success" if not self.fix_buttons else "",
                               tooltip=str(title), layout=w.Layout(width="auto"))
             button.add_class("nbflow-apply-fix")
             button.on_click(lambda _b, i=i: self._on_apply_fix(i))
-            label = w.HTML(f"<span style='margin-left:8px'>{report.esc(title)}</span>")
-            buttons.append((button, label))
-        self.fix_buttons = [b for b, _ in buttons]
-        self.fixes_box.children = tuple(w.HBox([b, label]) for b, label in buttons)
+            self.fix_buttons.append(button)
+            rows.append(w.HBox([button, w.HTML(f"<span style='margin-left:8px'>{report.esc(title)}</span>")]))
+        self.fixes_box.children = tuple(rows)
 
     # -- the live plot -----------------------------------------------------
     def _draw_plot(self) -> None:
