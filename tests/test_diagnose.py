@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import re
 import threading
 import time
 
@@ -389,6 +390,19 @@ def test_a_broken_json_line_is_named_by_its_line_in_the_file(workdir):
         "data.extract: line 21,001 of qty.jsonl is not valid JSON (Expecting value, column 22): "
         "'{\"id\": 21000, \"qty\": ' — correct that line: each line of a JSON Lines file is one whole "
         "JSON object")
+
+
+def test_whole_numbers_read_as_floats_in_one_json_chunk_get_the_dtype_that_reads_all(workdir):
+    # pandas infers each block's dtypes: the block with the gap reads qty as floats
+    lines = [json.dumps({"id": i, "qty": None if i == 25_000 else i % 7}) for i in range(30_000)]
+    (workdir / "qty.jsonl").write_text("\n".join(lines) + "\n")
+    run = nbflow.run(_wf(extract(5_000, "qty.jsonl")), log=False)
+    rc = run.root_cause
+    assert re.search(r"column 'qty' is int64 in chunk 0 but double in chunk \d", rc.message)
+    top = rc.resolution_options[0]
+    assert top.change == {"dtype": {"qty": "float64"}}
+    run.rerun(run.apply_fix(0))
+    assert run.status == "completed" and run.outputs["extract"].compute()["qty"].isna().sum() == 1
 
 def scale(df, factor):
     return df.assign(amount=df["amount"] * factor)

@@ -154,10 +154,12 @@ class AtomicWriter:
             self.abort()
             raise StepError(f"data.load: '{self.dest}' appeared while the step ran and overwrite "
                             "is false; it was left unchanged", {"path": str(self.dest)})
-        if self.fmt != "csv" and (problem := schema_mismatch(parts)):
+        if self.fmt != "csv" and (mismatch := schema_mismatch(parts)):
             self.abort()
+            problem, details = mismatch
             raise StepError(f"its chunks came out with different columns or types: {problem} — a step "
-                            "must give every chunk the same columns, with the same types", {"path": str(self.dest)})
+                            "must give every chunk the same columns, with the same types",
+                            {"path": str(self.dest), **details})
         records = int(results["records"].sum()) if results is not None else None
         if self.fmt != "csv":
             size = sum(p.stat().st_size for p in parts)
@@ -218,8 +220,9 @@ class AtomicWriter:
             self.tmp.with_name(self.tmp.name + ".csv").unlink(missing_ok=True)
 
 
-def schema_mismatch(parts: list[Path]) -> str | None:
-    """How a part's columns or types differ from the first part's, in words; None if none does.
+def schema_mismatch(parts: list[Path]) -> tuple[str, dict] | None:
+    """How a part's columns or types differ from the first part's, in words (and, for whole
+    numbers become floats, the dtype that reads them all); None if none does.
 
     A column of nulls only (Arrow's ``null`` type: a chunk where it was all missing) fits any
     type, and ``large_string`` is ``string``. Read as one dataset, parts that differ come back
@@ -241,14 +244,17 @@ def schema_mismatch(parts: list[Path]) -> str | None:
         if missing or extra:
             bits = ([f"no {', '.join(map(repr, missing))}"] if missing else []) + \
                 ([f"{', '.join(map(repr, extra))} more"] if extra else [])
-            return f"chunk {chunk} has {' and '.join(bits)} (chunk 0 has {', '.join(first)})"
+            return f"chunk {chunk} has {' and '.join(bits)} (chunk 0 has {', '.join(first)})", {}
         for name, kind in first.items():
             if kind != other[name] and pa.null() not in (kind, other[name]):
-                mixed = {pa.types.is_integer(kind), pa.types.is_integer(other[name])} == {True, False}
-                return (f"column '{name}' is {kind} in chunk 0 but {other[name]} in chunk {chunk}"
-                        + (" (whole numbers turn into floats in a chunk with missing values: give the "
-                           f"column one type, e.g. .astype('float64'), or read it with dtype: {{{name}: "
-                           "float64}})" if mixed else ""))
+                mixed = {pa.types.is_integer(kind), pa.types.is_floating(other[name])} == {True} or \
+                    {pa.types.is_floating(kind), pa.types.is_integer(other[name])} == {True}
+                text = f"column '{name}' is {kind} in chunk 0 but {other[name]} in chunk {chunk}"
+                if not mixed:
+                    return text, {"column": name}
+                return (f"{text} (whole numbers turn into floats in a chunk with missing values: give the "
+                        f"column one type, e.g. .astype('float64'), or read it with dtype: {{{name}: float64}})",
+                        {"column": name, "fix": {"dtype": {name: "float64"}}})
     return None
 
 
