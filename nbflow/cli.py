@@ -217,29 +217,15 @@ def _up_to_date(handle) -> bool:
         return False
 
 
-def fix_problem(handle, number: int, rerun: str = "nbflow rerun") -> str | None:
-    """Why fix ``number`` (from 1, as the root cause lists them) can't be applied; None if it can."""
-    fixes = handle.fixes
-    if not fixes:
-        return f"run {handle.run_id} has no fixes to apply ({handle.status}, nothing failed)"
-    if not 1 <= number <= len(fixes):
-        return f"there is no fix {number}: run {handle.run_id} has {len(fixes)} (--fix 1 to {len(fixes)})"
-    fix = fixes[number - 1]
-    if fix.workflow is None:
-        return (f"fix {number} changes your code, not the workflow: {fix.title}"
-                + (f" ({fix.snippet})" if fix.snippet and fix.kind != "rerun" else "")
-                + f"; change it, then `{rerun} {handle.run_id}`")
-    return None
-
-
 def _fixed(handle, number: int, params: dict):
     """The run's workflow with fix ``number`` applied, or None after saying why not."""
-    problem = fix_problem(handle, number)
+    from nbflow.ui.rootcause import fix_refusal
+
+    problem = fix_refusal(handle, number)
     if problem:
         print(f"nbflow rerun: {problem}", file=sys.stderr)
         return None
-    handle.overrides.update(params)  # -p goes with the fix; the fix's own parameters win
-    return handle.apply_fix(number - 1)
+    return handle.apply_fix(number - 1, params)  # -p goes with the fix; the fix's own parameters win
 
 
 def cmd_runs(args) -> int:

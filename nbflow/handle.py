@@ -310,8 +310,9 @@ class Run:
         """Stop starting new chunks; steps in flight are marked cancelled. Safe from any thread."""
         self._cancel.set()
 
-    def apply_fix(self, i: int = 0) -> WorkflowSpec:
-        """The workflow with resolution option ``i`` applied; ``run.rerun(spec)`` runs it.
+    def apply_fix(self, i: int = 0, parameters: Mapping[str, Any] | None = None) -> WorkflowSpec:
+        """The workflow with resolution option ``i`` applied (and ``parameters``, which the
+        fix's own override); ``run.rerun(spec)`` runs it.
 
         The corrected text changes only what the fix changes, so every step it
         does not touch keeps its cache key and its checkpoint is reused.
@@ -326,7 +327,7 @@ class Run:
             raise ValueError(f"fix {i} changes your code, not the workflow: {fix.title} — "
                              f"{fix.snippet}; change it, then run.rerun()")
         return parse(fix.workflow, filename=self.spec.filename,
-                     overrides={**self.overrides, **fix.overrides}, namespace=self.namespace)
+                     overrides={**self.overrides, **(parameters or {}), **fix.overrides}, namespace=self.namespace)
 
     def raise_for_status(self) -> None:
         if self.status == "failed":

@@ -217,13 +217,11 @@ class WorkflowMagics(Magics):
             run = open_run(run_id, store=args.store, namespace=ns)
             spec = None
             if args.fix is not None:  # numbered from 1, as the root cause lists them
-                from nbflow.cli import fix_problem
+                from nbflow.ui.rootcause import fix_refusal
 
-                problem = fix_problem(run, args.fix, rerun="%workflow rerun")
-                if problem:
+                if problem := fix_refusal(run, args.fix):
                     raise UsageError(f"%workflow rerun --fix {args.fix}: {problem}")
-                run.overrides.update(params)
-                spec = run.apply_fix(args.fix - 1)
+                spec = run.apply_fix(args.fix - 1, params)
             ns[args.name] = run
             widgets = renders_widgets(self.shell, args.no_widgets)
             return self._execute(run, widgets, args.raise_, lambda: run.rerun(

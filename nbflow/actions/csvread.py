@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -207,11 +206,8 @@ def _read_block(block: tuple[str, int, int, bytes, int], plan: dict) -> pd.DataF
 
 def _pandas_block(data: bytes, plan: dict, path: str, offset: int) -> pd.DataFrame:
     meta = plan["meta"]
-    try:
-        df = _strings(pd.read_csv(io.BytesIO(data), sep=plan["sep"], usecols=plan["usecols"],
-                                  dtype=plan["dtype"] or None), plan["strings"])
-    except pd.errors.ParserError as err:
-        raise _ragged(err, data, path, offset) from err
+    df = _strings(pd.read_csv(io.BytesIO(data), sep=plan["sep"], usecols=plan["usecols"],
+                              dtype=plan["dtype"] or None), plan["strings"])
     if plan["usecols"] is not None:
         df = df[list(meta.columns)]
     for column in meta.columns:
@@ -228,48 +224,21 @@ def _pandas_block(data: bytes, plan: dict, path: str, offset: int) -> pd.DataFra
     return df
 
 
-_RAGGED = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
-
-
-def _ragged(err: Exception, data: bytes, path: str, offset: int) -> Exception:
-    """pandas counts lines from the block's start: say which line of the file it is, and show it."""
-    found = _RAGGED.search(str(err))
-    if not found:
-        return err
-    expected, line, saw = (int(g) for g in found.groups())
-    lines_before = 0
-    if offset:  # the block is the header, then the lines from the first that starts after offset
-        from fsspec.utils import seek_delimiter
-
-        with open(path, "rb") as f:
-            f.seek(offset)
-            seek_delimiter(f, b"\n", 2 ** 16)
-            start = f.tell()
-            f.seek(0)
-            while f.tell() < start:
-                lines_before += f.read(min(1 << 24, start - f.tell())).count(b"\n")
-    text = data.split(b"\n")[line - 1].decode("utf-8", "replace").rstrip("\r")
-    return ragged_error(path, lines_before + line - 1 if offset else line, expected, saw, text)
-
-
-def ragged_error(path: str | Path, line: int, expected: int, saw: int, text: str) -> StepError:
-    return StepError(
-        f"data.extract: line {line:,} of {Path(path).name} has {saw} fields where the header has "
-        f"{expected}: {text[:120]!r} — correct that line, or give data.extract on_bad_lines: skip "
-        "to leave out lines like it",
-        {"path": str(path), "line": line, "expected": expected, "found": saw, "text": text[:200],
-         "fix": {"on_bad_lines": "skip"}})
-
-
 def first_ragged_line(path: Path, sep: str = ",") -> StepError | None:
     """The first line of ``path`` with more fields than its header, as the error to show (pandas'
-    own says where in a block of Dask's it was); None if there is none."""
+    own counts lines from the start of the block it parsed); None if there is none."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.reader(f, delimiter=sep)
         header = next(reader, None)
         for row in reader if header else ():
             if len(row) > len(header):
-                return ragged_error(path, reader.line_num, len(header), len(row), sep.join(row))
+                line, text = reader.line_num, sep.join(row)
+                return StepError(
+                    f"data.extract: line {line:,} of {path.name} has {len(row)} fields where the header "
+                    f"has {len(header)}: {text[:120]!r} — correct that line, or give data.extract "
+                    "on_bad_lines: skip to leave out lines like it",
+                    {"path": str(path), "line": line, "expected": len(header), "found": len(row),
+                     "text": text[:200], "fix": {"on_bad_lines": "skip"}})
     return None
 
 

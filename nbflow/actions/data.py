@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from nbflow.actions import csvread
-from nbflow.actions.registry import Effect, StepContext, action
+from nbflow.actions.registry import Effect, StepContext, action, in_workdir
 from nbflow.actions.sinks import WRITE_META, AtomicWriter, copy_part, sink
 from nbflow.errors import InputNotFound, StepError
 from nbflow.parts import to_frame
@@ -34,6 +34,7 @@ _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 # -- data.extract -------------------------------------------------------------------------
 
 @action("data.extract", kind="step", chunkwise=True, options=lambda params: _extract_options(params),
+        param_check=lambda params: _path_problems(params, "data/records.csv"),
         explain=lambda error, params, workdir: _explain_extract(error, params, workdir))
 def extract(ctx: StepContext, path: str, format: str | None = None,
             columns: list[str] | None = None, **read_kwargs) -> Any:
@@ -49,7 +50,7 @@ def extract(ctx: StepContext, path: str, format: str | None = None,
     """
     import dask.dataframe as dd
 
-    files = _resolve(ctx, path)
+    files = _resolve(ctx.workdir, path)
     fmt = _input_format(path, files, format)
     empty = [f for f in files if f.is_file() and f.stat().st_size == 0]
     if empty and fmt != "parquet":
@@ -104,8 +105,8 @@ def extract(ctx: StepContext, path: str, format: str | None = None,
     return ddf
 
 
-def _resolve(ctx: StepContext, path: str | Path) -> list[Path]:
-    target = ctx.path(path)
+def _resolve(workdir: Path, path: str | Path) -> list[Path]:
+    target = in_workdir(workdir, path)
     text = str(target)
     if glob.has_magic(text):
         matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
@@ -113,10 +114,10 @@ def _resolve(ctx: StepContext, path: str | Path) -> list[Path]:
         matches = [target] if target.exists() else []
     if matches:
         return matches
-    near = _near(target, ctx.workdir)
-    shown = [_display(p, ctx.workdir) for p in near]
+    near = _near(target, Path(workdir))
+    shown = [_display(p, Path(workdir)) for p in near]
     hint = (f"did you mean {' or '.join(repr(s) for s in shown)}?" if shown
-            else f"check the path; it is read relative to {ctx.workdir}")
+            else f"check the path; it is read relative to {workdir}")
     raise InputNotFound(f"input '{path}' not found: nothing matches {target} — {hint}",
                         {"path": str(target), "near": shown})
 
@@ -173,6 +174,16 @@ def _named_options(func, *skip: str) -> list[str]:
             if name not in skip and p.kind is not inspect.Parameter.VAR_KEYWORD]
 
 
+def _path_problems(params: Mapping[str, Any], example: str) -> list[tuple[str, str, str]]:
+    """``path`` (data.extract's, data.load's) as (param, message, hint) when it names nothing."""
+    path = params.get("path")
+    if "path" not in params or (isinstance(path, str) and path.strip()):
+        return []
+    what = "path is empty" if path is None or isinstance(path, str) else \
+        f"path must be text, not {type(path).__name__}"
+    return [("path", what, f"e.g. path: {example}")]
+
+
 def _extract_options(params: Mapping[str, Any]) -> list[str] | None:
     """The read options data.extract passes on (pandas' for CSV and JSON Lines; none for
     Parquet), by the format its path or format: names; None when that isn't known yet."""
@@ -193,8 +204,7 @@ def _explain_extract(error: BaseException, params: Mapping[str, Any], workdir: P
     if not (ragged or isinstance(error, ValueError)):
         return None
     path = params.get("path")
-    files = _resolve(StepContext(step=None, inputs={}, chunk_size=1, streaming=True, workdir=Path(workdir)),
-                     path)
+    files = _resolve(workdir, path)
     fmt = _input_format(path, files, params.get("format"))
     if not ragged and fmt != "jsonl":  # (JSON Lines: pandas gives a position in Dask's block)
         return None
@@ -374,7 +384,7 @@ def _is_parquet_file(path: Path) -> bool:
 
 
 @action("data.load", kind="step", input_format=_load_input_format, chunk_sink=_load_chunk_sink,
-        options=_load_options)
+        options=_load_options, param_check=lambda params: _path_problems(params, "out/clean.parquet"))
 def load(ctx: StepContext, path: str, format: str | None = None, overwrite: bool = True,
          **write_kwargs) -> Effect:
     """Write a Parquet dataset (a folder of part files) or one CSV file, atomically."""

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nbflow.actions.registry import Action
+from nbflow.actions.registry import Action, in_workdir
 from nbflow.errors import Problem
 from nbflow.yamlnodes import close_matches, did_you_mean
 
@@ -23,8 +23,6 @@ EXAMPLES = {("data.extract", "path"): "data/records.csv", ("data.load", "path"):
 #: names people write for an option that pandas or Arrow spells otherwise
 SYNONYMS = {"separator": "sep", "seperator": "sep", "delim": "delimiter", "encode": "encoding",
             "header_row": "header", "compress": "compression"}
-#: built-ins whose ``path`` names a file or folder: it must be text, and not empty
-PATHS = ("data.extract", "data.load")
 
 
 def param_problems(step, action: Action, params: Mapping[str, Any]) -> list[Problem]:
@@ -64,12 +62,6 @@ def param_problems(step, action: Action, params: Mapping[str, Any]) -> list[Prob
     if not problems and action.param_check is not None:
         problems += [Problem(f"{label}: {message}", line=step.lines.get(f"params.{key}", at_params), hint=hint)
                      for key, message, hint in action.param_check(params)]
-    path = params.get("path")
-    if action.name in PATHS and "path" in params and not (isinstance(path, str) and path.strip()):
-        problems.append(Problem(f"{label}: path is empty" if isinstance(path, str) or path is None
-                                else f"{label}: path must be text, not {type(path).__name__}",
-                                line=step.lines.get("params.path", at_params),
-                                hint=f"e.g. path: {EXAMPLES[(action.name, 'path')]}"))
     return problems
 
 
@@ -86,7 +78,7 @@ def output_clashes(steps, workdir) -> list[Problem]:
         path = step.params.get("path")
         if step.action != "data.load" or not isinstance(path, str) or not path.strip():
             continue
-        where = Path(workdir, path).expanduser().resolve()
+        where = in_workdir(workdir, path).resolve()
         if where in first:
             found.append(Problem(f"steps '{first[where]}' and '{step.name}' both write '{path}'",
                                  line=step.lines.get("params.path", step.line),

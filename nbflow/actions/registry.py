@@ -105,8 +105,13 @@ class StepContext:
         return next(iter(self.inputs.values()))
 
     def path(self, value: str | Path) -> Path:
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else self.workdir / path
+        return in_workdir(self.workdir, value)
+
+
+def in_workdir(workdir: str | Path, value: str | Path) -> Path:
+    """A workflow's path: ``~`` expanded, relative ones taken from ``workdir``."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(workdir) / path
 
 
 @dataclass

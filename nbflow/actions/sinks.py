@@ -247,8 +247,9 @@ def schema_mismatch(parts: list[Path]) -> tuple[str, dict] | None:
             return f"chunk {chunk} has {' and '.join(bits)} (chunk 0 has {', '.join(first)})", {}
         for name, kind in first.items():
             if kind != other[name] and pa.null() not in (kind, other[name]):
-                mixed = {pa.types.is_integer(kind), pa.types.is_floating(other[name])} == {True} or \
-                    {pa.types.is_floating(kind), pa.types.is_integer(other[name])} == {True}
+                ints, floats = (sum(f(t) for t in (kind, other[name]))
+                                for f in (pa.types.is_integer, pa.types.is_floating))
+                mixed = ints == floats == 1
                 text = f"column '{name}' is {kind} in chunk 0 but {other[name]} in chunk {chunk}"
                 if not mixed:
                     return text, {"column": name}

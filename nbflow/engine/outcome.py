@@ -35,7 +35,7 @@ class Progress:
 
 def explained(planned, exc: BaseException, workdir) -> BaseException:
     """``exc`` as the step's action explains it (its clearer error, caused by ``exc``), else itself."""
-    explain = getattr(planned.action, "explain", None)
+    explain = planned.action.explain
     try:
         better = explain(exc, planned.params, workdir) if explain is not None else None
     except Exception:  # noqa: BLE001 — an explanation is a nicety; the error stands as raised

@@ -44,6 +44,22 @@ def apply_hint(rc, n: int = 1) -> str:
     return f"{_handle}.rerun({_handle}.apply_fix({n - 1}))"
 
 
+def fix_refusal(run, number: int) -> str | None:
+    """Why fix ``number`` (from 1, as the root cause lists them) can't be applied to ``run``'s
+    workflow (``--fix N``); None if it can."""
+    fixes, root = run.fixes, run.root_cause
+    if not fixes:
+        return f"run {run.run_id} has no fixes to apply ({run.status}, nothing failed)"
+    if not 1 <= number <= len(fixes):
+        return f"there is no fix {number}: run {run.run_id} has {len(fixes)} (--fix 1 to {len(fixes)})"
+    fix = fixes[number - 1]
+    if fix.workflow is None:
+        return (f"fix {number} changes your code, not the workflow: {fix.title}"
+                + (f" ({fix.snippet})" if fix.snippet and fix.kind != "rerun" else "")
+                + f"; change it, then {rerun_hint(root)}")
+    return None
+
+
 def _snippet(rc, fix) -> str:
     return rerun_hint(rc) if fix.kind == "rerun" else (fix.snippet or "")
 
